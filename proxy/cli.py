@@ -1,0 +1,59 @@
+"""Command line: `sandbox-proxy --config PATH [--listen HOST:PORT]`.
+
+Exit status 2 means the configuration or registry file is unusable; the message names the file,
+the key and the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sandbox-proxy",
+        description="Edge proxy routing <port>-<sandboxId>.<domain> to sandbox backends.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default: built-in defaults)")
+    parser.add_argument("--listen", default=None, metavar="HOST:PORT",
+                        help="edge listener address, overriding [server] listen")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and registry, then exit")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"sandbox-proxy {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from proxy.registry import open_registry
+    from proxy.server import run
+
+    try:
+        config = load_config(args.config, args.listen)
+        if args.check:
+            registry = open_registry(config)
+            print(f"ok: {len(registry)} sandboxes")  # type: ignore[arg-type]
+            return 0
+        return run(config)
+    except ConfigError as exc:
+        print(f"sandbox-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the listen address is in use
+        print(f"sandbox-proxy: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Configuration: the typed settings of one proxy, read from TOML and validated once at start-up.
+
+Every key is documented in config/proxy.toml. Anything wrong (unknown section or key, wrong type,
+value out of range) raises ConfigError naming the file, the key and the problem; the CLI turns that
+into exit status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from proxy.host import normalize_domain
+
+
+class ConfigError(Exception):
+    """A configuration or registry file is unusable; the message names file, key and problem."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: ListenAddress = ListenAddress("127.0.0.1", 8080)
+    domains: frozenset[str] = frozenset({"localhost"})
+    workers: int = 1  # 0 = one per CPU
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    backlog: int = 2048
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    kind: str = "static"
+    path: Path = Path("sandboxes.toml")
+    reload_interval: float = 1.0  # 0 = never re-read the file
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: ListenAddress | None = ListenAddress("127.0.0.1", 9091)  # None = no listener
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    connect: float = 5.0
+    upstream_header: float = 60.0
+    client_header: float = 10.0
+    client_idle: float = 620.0
+    upstream_idle: float = 610.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    connect_attempts: int = 4
+    connect_backoff: float = 0.1
+    max_idle_per_backend: int = 64
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_header_bytes: int = 65536
+    max_header_count: int = 200
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    source: Path | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse `host:port` or `[v6]:port`; raise ValueError with the problem."""
+    if not isinstance(text, str):
+        raise ValueError("expected a string host:port")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {text!r}")
+    number = int(port)
+    if not 0 <= number < 65536:
+        raise ValueError(f"port {number} is out of range")
+    return ListenAddress(host, number)
+
+
+class _Section:
+    """Reads the keys of one TOML table, remembering which were used so leftovers are errors."""
+
+    def __init__(self, source: str, name: str, table: Any):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        self.source, self.name, self.table = source, name, table
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: [{self.name}] {key}: {problem}")
+
+    def get(self, key: str, default: Any, kind: type | tuple[type, ...],
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        if check is not None and (problem := check(value)) is not None:
+            raise self.fail(key, problem)
+        return value
+
+    def number(self, key: str, default: float, minimum: float = 0.0, allow_zero: bool = False) -> float:
+        def check(v: float) -> str | None:
+            if v < minimum or (v == 0 and not allow_zero):
+                return f"must be {'>=' if allow_zero else '>'} {minimum}, got {v}"
+            return None
+        return float(self.get(key, default, (int, float), check))
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        def check(v: int) -> str | None:
+            if v < minimum or (maximum is not None and v > maximum):
+                upper = f" and <= {maximum}" if maximum is not None else ""
+                return f"must be >= {minimum}{upper}, got {v}"
+            return None
+        return self.get(key, default, int, check)
+
+    def listen(self, key: str, default: ListenAddress | None, allow_empty: bool = False) -> ListenAddress | None:
+        text = self.get(key, None, str)
+        if text is None:
+            return default
+        if text == "" and allow_empty:
+            return None
+        try:
+            return parse_listen(text)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def finish(self, known: set[str]) -> None:
+        unknown = sorted(set(self.table) - known)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: Path | str | None, listen_override: str | None = None) -> ProxyConfig:
+    """Read and validate the config file (None = built-in defaults); apply --listen."""
+    source_path = Path(path) if path is not None else None
+    data = read_toml(source_path) if source_path is not None else {}
+    source = str(source_path) if source_path is not None else "<defaults>"
+    base_dir = source_path.parent if source_path is not None else Path.cwd()
+    parsers = {
+        "server": _parse_server,
+        "registry": lambda s: _parse_registry(s, base_dir),
+        "metrics": _parse_metrics,
+        "timeouts": _parse_timeouts,
+        "upstream": _parse_upstream,
+        "limits": _parse_limits,
+    }
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in parsers:
+            raise ConfigError(f"{source}: [{name}]: unknown section")
+        sections[name] = parsers[name](_Section(source, name, table))
+    for name, parser in parsers.items():
+        if name not in sections:
+            sections[name] = parser(_Section(source, name, {}))
+    if listen_override is not None:
+        try:
+            listen = parse_listen(listen_override)
+        except ValueError as exc:
+            raise ConfigError(f"--listen: {exc}") from None
+        sections["server"] = replace(sections["server"], listen=listen)
+    return ProxyConfig(source=source_path, **sections)
+
+
+def _parse_server(s: _Section) -> ServerConfig:
+    d = ServerConfig()
+
+    def check_domains(v: list) -> str | None:
+        if not v:
+            return "must list at least one domain"
+        for item in v:
+            if not isinstance(item, str) or not normalize_domain(item):
+                return f"{item!r} is not a domain name"
+        return None
+
+    domains = s.get("domains", None, list, check_domains)
+    trusted = []
+    for item in s.get("trusted_proxies", [], list):
+        try:
+            trusted.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise s.fail("trusted_proxies", f"{item!r} is not an IP address or CIDR") from None
+    workers = s.integer("workers", d.workers, 0, 1024)
+    config = ServerConfig(
+        listen=s.listen("listen", d.listen),
+        domains=frozenset(normalize_domain(x) for x in domains) if domains else d.domains,
+        workers=workers or (os.cpu_count() or 1),
+        trusted_proxies=tuple(trusted),
+        backlog=s.integer("backlog", d.backlog, 1, 1 << 20),
+    )
+    s.finish({"listen", "domains", "workers", "trusted_proxies", "backlog"})
+    return config
+
+
+def _parse_registry(s: _Section, base_dir: Path) -> RegistryConfig:
+    d = RegistryConfig()
+    kind = s.get("kind", d.kind, str,
+                 lambda v: None if v == "static" else f"unknown kind {v!r} (supported: static)")
+    path = Path(s.get("path", str(d.path), str, lambda v: None if v else "must not be empty"))
+    config = RegistryConfig(
+        kind=kind,
+        path=path if path.is_absolute() else base_dir / path,
+        reload_interval=s.number("reload_interval", d.reload_interval, allow_zero=True),
+    )
+    s.finish({"kind", "path", "reload_interval"})
+    return config
+
+
+def _parse_metrics(s: _Section) -> MetricsConfig:
+    config = MetricsConfig(listen=s.listen("listen", MetricsConfig().listen, allow_empty=True))
+    s.finish({"listen"})
+    return config
+
+
+def _parse_timeouts(s: _Section) -> TimeoutsConfig:
+    d = TimeoutsConfig()
+    names = ("connect", "upstream_header", "client_header", "client_idle", "upstream_idle")
+    config = TimeoutsConfig(**{n: s.number(n, getattr(d, n)) for n in names})
+    s.finish(set(names))
+    return config
+
+
+def _parse_upstream(s: _Section) -> UpstreamConfig:
+    d = UpstreamConfig()
+    config = UpstreamConfig(
+        connect_attempts=s.integer("connect_attempts", d.connect_attempts, 1, 100),
+        connect_backoff=s.number("connect_backoff", d.connect_backoff, allow_zero=True),
+        max_idle_per_backend=s.integer("max_idle_per_backend", d.max_idle_per_backend, 0),
+    )
+    s.finish({"connect_attempts", "connect_backoff", "max_idle_per_backend"})
+    return config
+
+
+def _parse_limits(s: _Section) -> LimitsConfig:
+    d = LimitsConfig()
+    config = LimitsConfig(
+        max_header_bytes=s.integer("max_header_bytes", d.max_header_bytes, 1024, 1 << 24),
+        max_header_count=s.integer("max_header_count", d.max_header_count, 1, 100_000),
+    )
+    s.finish({"max_header_bytes", "max_header_count"})
+    return config

@@ -1,0 +1,176 @@
+"""Error responses: every answer the proxy makes itself is decided and rendered here.
+
+Each error type carries its status and knows its body, as h11's protocol errors carry theirs. Bodies
+are JSON for programs (the shapes SDKs rely on, shared/reference/behaviour.md), an HTML page for
+browser navigations, and plain text for a malformed Host. Every response carries
+`Access-Control-Allow-Origin: *` so browsers can read it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from http import HTTPStatus
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself. `close` means the client connection cannot be reused."""
+
+    status = 502
+    close = False
+    text_only = False  # plain text even for browsers (malformed requests)
+
+    def __init__(self, message: str, sandbox_id: str | None = None, port: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.sandbox_id = sandbox_id
+        self.port = port
+
+    def json_body(self) -> dict:
+        body: dict = {}
+        if self.sandbox_id is not None:
+            body["sandboxId"] = self.sandbox_id
+        body["message"] = self.message
+        if self.port is not None:
+            body["port"] = self.port
+        body["code"] = self.status
+        return body
+
+
+class BadRequest(ProxyError):
+    """Malformed or forbidden request framing; the connection is closed after the answer."""
+    status = 400
+    close = True
+    text_only = True
+
+
+class BadHost(BadRequest):
+    """The Host does not name `<port>-<sandboxId>.<served domain>`. The connection stays usable."""
+    close = False
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+
+
+class UriTooLong(BadRequest):
+    status = 414
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+
+
+class NotImplementedTransferCoding(BadRequest):
+    status = 501
+
+
+class SandboxNotFound(ProxyError):
+    status = 502
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("The sandbox was not found", sandbox_id)
+
+
+class PortNotOpen(ProxyError):
+    status = 502
+
+    def __init__(self, sandbox_id: str, port: int):
+        super().__init__("The sandbox is running but port is not open", sandbox_id, port)
+
+
+class UpstreamClosed(ProxyError):
+    """The backend closed or broke the connection before sending a complete response head."""
+    status = 502
+
+    def __init__(self, sandbox_id: str, port: int):
+        super().__init__("The sandbox closed the connection before responding", sandbox_id, port)
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+
+    def __init__(self, sandbox_id: str, port: int):
+        super().__init__("The sandbox did not respond in time", sandbox_id, port)
+
+
+_BROWSER_FETCH_MODES = (b"cors", b"no-cors", b"same-origin", b"websocket")
+
+
+def wants_html(user_agent: bytes | None, accept: bytes | None, fetch_mode: bytes | None,
+               requested_with: bytes | None) -> bool:
+    """True for a browser navigation: a browser User-Agent whose Accept prefers text/html."""
+    if not user_agent or b"Mozilla/" not in user_agent or not accept:
+        return False
+    if requested_with is not None:
+        return False
+    if fetch_mode is not None and fetch_mode.strip().lower() in _BROWSER_FETCH_MODES:
+        return False
+    return _prefers_html(accept.decode("latin-1"))
+
+
+def _prefers_html(accept: str) -> bool:
+    best_html = best_json = -1.0
+    for item in accept.split(","):
+        kind, *params = item.strip().split(";")
+        kind = kind.strip().lower()
+        q = 1.0
+        for param in params:
+            name, _, value = param.strip().partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if kind in ("text/html", "application/xhtml+xml"):
+            best_html = max(best_html, q)
+        elif kind in ("application/json", "*/*"):
+            best_json = max(best_json, q)
+    return best_html > 0 and best_html >= best_json
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{status} {phrase}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:15vh auto;padding:0 1rem;color:#222}}
+h1{{font-size:1.4rem}}code{{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}}</style></head>
+<body><h1>{message}</h1><p>{detail}</p><p><small>{status} {phrase}</small></p></body></html>
+"""
+
+
+def render_error(error: ProxyError, *, html_page: bool, head_only: bool, close: bool) -> bytes:
+    """The complete HTTP/1.1 response for `error`, ready to write to the client."""
+    status = error.status
+    phrase = HTTPStatus(status).phrase
+    if error.text_only:
+        content_type = b"text/plain; charset=utf-8"
+        body = (error.message + "\n").encode()
+    elif html_page:
+        content_type = b"text/html; charset=utf-8"
+        detail = []
+        if error.sandbox_id is not None:
+            detail.append(f"Sandbox <code>{html.escape(error.sandbox_id)}</code>")
+        if error.port is not None:
+            detail.append(f"port <code>{error.port}</code>")
+        body = _HTML_PAGE.format(status=status, phrase=phrase, message=html.escape(error.message),
+                                 detail=", ".join(detail)).encode()
+    else:
+        content_type = b"application/json"
+        body = json.dumps(error.json_body()).encode()
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode()),
+        b"Content-Type: " + content_type + b"\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Access-Control-Allow-Origin: *\r\n",
+        b"Cache-Control: no-store\r\n",
+    ]
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    if not head_only:
+        head.append(body)
+    return b"".join(head)

@@ -1,0 +1,72 @@
+"""Host parsing: turns a request's Host header into the sandbox port and id it names.
+
+The rules are those users already rely on (shared/reference/behaviour.md): the first label is
+`<port>-<sandboxId>`, the port a decimal TCP port, the id `^[a-z0-9]+$`; comparison is
+case-insensitive, the Host's own `:port` and a trailing dot are ignored, and what follows the first
+label must be one of the configured base domains. Pure functions only: no I/O, no config objects.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+
+class BadHost(ValueError):
+    """The Host header does not name a sandbox under a served domain (answered with 400)."""
+
+
+class SandboxAddress(NamedTuple):
+    port: int
+    sandbox_id: str
+
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def normalize_domain(domain: str) -> str:
+    """The form in which base domains are compared: lower case, no trailing dot."""
+    return domain.strip().lower().rstrip(".")
+
+
+def strip_host_port(host: str) -> str:
+    """Drop the `:port` a Host header may carry (IPv6 literals keep their brackets)."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise BadHost("unterminated IPv6 literal")
+        rest = host[end + 1 :]
+        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+            raise BadHost("malformed port")
+        return host[: end + 1]
+    name, colon, port = host.rpartition(":")
+    if not colon:
+        return host
+    if not port.isascii() or not port.isdigit():
+        raise BadHost("malformed port")
+    return name
+
+
+def parse_sandbox_host(raw_host: str, domains: Iterable[str]) -> SandboxAddress:
+    """Return the sandbox port and id that `raw_host` names, or raise BadHost.
+
+    `domains` must already be normalized (see normalize_domain); a set makes the check O(1).
+    """
+    host = strip_host_port(raw_host.strip().lower())
+    if host.endswith("."):
+        host = host[:-1]
+    label, dot, domain = host.partition(".")
+    if not dot:
+        raise BadHost("host has no domain")
+    if domain not in domains:
+        raise BadHost("domain is not served here")
+    port_text, dash, sandbox_id = label.partition("-")
+    if not dash:
+        raise BadHost("first label is not <port>-<sandboxId>")
+    if not (0 < len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()):
+        raise BadHost("port is not a decimal number")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise BadHost("port is out of range")
+    if not sandbox_id or not _ID_CHARS.issuperset(sandbox_id):
+        raise BadHost("sandbox id is not [a-z0-9]+")
+    return SandboxAddress(port, sandbox_id)

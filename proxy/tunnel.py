@@ -1,0 +1,65 @@
+"""Tunnel: after a 101, the client and backend connections relay raw bytes both ways.
+
+Nothing parses frames, so WebSocket subprotocols, extensions, ping/pong and close codes are end to
+end. The byte copying itself lives in each protocol's data_received (one write per read, with the
+usual write-buffer backpressure); this class owns how a tunnel ends: a half-close (EOF) is passed
+on as a half-close, and when either connection is lost the other is closed after flushing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.edge import ClientConnection
+    from proxy.upstream import UpstreamConnection
+
+
+class Tunnel:
+    __slots__ = ("client", "upstream", "client_ended", "upstream_ended")
+
+    def __init__(self, client: "ClientConnection", upstream: "UpstreamConnection"):
+        self.client = client
+        self.upstream = upstream
+        self.client_ended = False
+        self.upstream_ended = False
+
+    def started(self) -> None:
+        self.client.ctx.tunnels_opened += 1
+
+    def client_eof(self) -> bool:
+        """The client half-closed: pass it on; keep relaying the other way."""
+        self.client_ended = True
+        return self._pass_eof(self.upstream.transport, self.client.transport)
+
+    def upstream_eof(self) -> bool:
+        self.upstream_ended = True
+        return self._pass_eof(self.client.transport, self.upstream.transport)
+
+    def _pass_eof(self, to, source) -> bool:
+        if self.client_ended and self.upstream_ended:
+            self.close()
+            return False
+        if to.is_closing() or not to.can_write_eof():
+            self.close()
+            return False
+        to.write_eof()
+        return True
+
+    def client_lost(self) -> None:
+        up = self.upstream
+        up.client = None
+        up.tunnel_peer = None
+        up.close()
+
+    def upstream_lost(self) -> None:
+        client = self.client
+        client.tunnel_peer = None
+        if not client.closed:
+            client.closing = True
+            client.transport.close()
+
+    def close(self) -> None:
+        self.upstream.close()
+        if not self.client.transport.is_closing():
+            self.client.transport.close()

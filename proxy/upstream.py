@@ -1,0 +1,289 @@
+"""Upstream: connections to sandbox backends and the keep-alive pools that hold them.
+
+An `UpstreamConnection` is an asyncio Protocol that parses the backend's responses with llhttp and
+hands each event to the client connection it is bound to; after a 101 it becomes one half of a raw
+byte tunnel. `UpstreamPool` keeps idle keep-alive connections for one (sandbox, address, port):
+pools are never shared across sandboxes, so an address reused by the next sandbox can never be
+handed the previous one's connection. `UpstreamPools` finds pools and closes every connection of a
+sandbox the registry removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from proxy.config import ProxyConfig
+from proxy.flow import PEER_FULL
+from proxy.timeouts import DeadlineSweeper
+
+if TYPE_CHECKING:
+    from proxy.edge import ClientConnection
+
+log = logging.getLogger("sandbox_proxy.upstream")
+
+
+class ConnectFailed(Exception):
+    """Every connect attempt failed; `timed_out` tells a silent host from a refused port."""
+
+    def __init__(self, reason: str, timed_out: bool):
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("pool", "transport", "parser", "client", "tunnel_peer", "status_reason",
+                 "headers", "trailers", "deadline", "reused", "responded", "closed",
+                 "reading_paused", "head_seen")
+
+    def __init__(self, pool: "UpstreamPool"):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.client: ClientConnection | None = None  # bound while serving one exchange
+        self.tunnel_peer: asyncio.Transport | None = None  # the client's, after a 101
+        self.status_reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.deadline = 0.0
+        self.reused = False
+        self.responded = False  # some byte of the current response has arrived
+        self.closed = False
+        self.reading_paused = False
+        self.head_seen = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.pool.members.add(self)
+        self.pool.pools.register(self.pool)  # again: it may have been dropped while connecting
+        self.pool.pools.sweeper.watched.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel_peer is not None:
+            self.tunnel_peer.write(data)
+            return
+        client = self.client
+        if client is None:  # an idle backend must not speak; drop the connection
+            self.close()
+            return
+        self.responded = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            client.upstream_upgraded(self, data[exc.args[0]:])
+        except HttpParserError as exc:
+            log.info("invalid response from %s:%s: %s", self.pool.host, self.pool.port, exc)
+            if self.client is not None:
+                self.client.upstream_lost(self)
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel_peer is not None and self.client is not None:
+            return self.client.tunnel_eof_from_upstream()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        self.pool.pools.sweeper.watched.discard(self)
+        if self.client is not None:
+            self.client.upstream_lost(self)
+            self.client = None
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.gate.pause(PEER_FULL)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.gate.resume(PEER_FULL)
+
+    # -- llhttp callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.trailers = None
+        self.head_seen = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.status_reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_seen:
+            if self.trailers is None:
+                self.trailers = []
+            self.trailers.append((name, value))
+        else:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_seen = True
+        self.client.response_head(self, self.parser.get_status_code())  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        self.client.response_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        if self.client is not None:
+            self.client.response_complete(self)
+
+    # -- used by the client side --------------------------------------------------------------
+    def on_deadline(self) -> None:
+        if self.client is not None:
+            self.client.upstream_timed_out(self)
+        self.close()
+
+    def skip_response_body(self) -> None:
+        """The response has no body whatever its headers say (HEAD): parse the next one fresh."""
+        self.parser = HttpResponseParser(self)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one backend address of one sandbox."""
+
+    __slots__ = ("pools", "key", "sandbox_id", "host", "port", "idle", "members")
+
+    def __init__(self, pools: "UpstreamPools", key: tuple[str, str, int]):
+        self.pools = pools
+        self.key = key
+        self.sandbox_id, self.host, self.port = key
+        self.idle: list[UpstreamConnection] = []
+        self.members: set[UpstreamConnection] = set()
+
+    def take(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                conn.deadline = 0.0
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange finished cleanly; keep it if there is room."""
+        conn.client = None
+        conn.responded = False
+        if conn.reading_paused:
+            conn.resume_reading()
+        pools = self.pools
+        if conn.closed or len(self.idle) >= pools.max_idle or pools.closing:
+            conn.close()
+            return
+        conn.deadline = pools.loop.time() + pools.idle_timeout
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.members.discard(conn)
+        if not self.members:
+            self.pools.drop(self)
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection, retrying refused connects with a doubling backoff."""
+        pools = self.pools
+        loop = pools.loop
+        timed_out = False
+        reason = "no attempt"
+        for attempt in range(pools.connect_attempts):
+            if attempt:
+                await asyncio.sleep(pools.connect_backoff * (2 ** (attempt - 1)))
+            try:
+                async with asyncio.timeout(pools.connect_timeout):
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port)
+                pools.connects += 1
+                return conn  # type: ignore[return-value]
+            except TimeoutError:
+                timed_out, reason = True, f"connect timed out after {pools.connect_timeout}s"
+            except OSError as exc:
+                timed_out, reason = False, exc.strerror or str(exc)
+            pools.connect_failures += 1
+        if not self.members:
+            pools.drop(self)
+        raise ConnectFailed(reason, timed_out)
+
+    def close_all(self) -> None:
+        for conn in list(self.members):
+            conn.abort()
+        self.idle.clear()
+
+
+class UpstreamPools:
+    """Every pool of this process, by (sandbox id, backend host, backend port)."""
+
+    def __init__(self, config: ProxyConfig, loop: asyncio.AbstractEventLoop,
+                 sweeper: DeadlineSweeper):
+        self.loop = loop
+        self.sweeper = sweeper
+        self.by_key: dict[tuple[str, str, int], UpstreamPool] = {}
+        self.by_sandbox: dict[str, set[UpstreamPool]] = {}
+        self.connect_timeout = config.timeouts.connect
+        self.connect_attempts = config.upstream.connect_attempts
+        self.connect_backoff = config.upstream.connect_backoff
+        self.idle_timeout = config.timeouts.upstream_idle
+        self.max_idle = config.upstream.max_idle_per_backend
+        self.closing = False
+        self.connects = 0
+        self.connect_failures = 0
+
+    def pool(self, sandbox_id: str, host: str, port: int) -> UpstreamPool:
+        key = (sandbox_id, host, port)
+        pool = self.by_key.get(key)
+        if pool is None:
+            pool = UpstreamPool(self, key)
+            self.register(pool)
+        return pool
+
+    def register(self, pool: UpstreamPool) -> None:
+        """Make `pool` findable by key and by sandbox (removal must reach all its connections)."""
+        self.by_key.setdefault(pool.key, pool)
+        self.by_sandbox.setdefault(pool.sandbox_id, set()).add(pool)
+
+    def drop(self, pool: UpstreamPool) -> None:
+        if self.by_key.get(pool.key) is pool:
+            del self.by_key[pool.key]
+        siblings = self.by_sandbox.get(pool.sandbox_id)
+        if siblings is not None:
+            siblings.discard(pool)
+            if not siblings:
+                del self.by_sandbox[pool.sandbox_id]
+
+    def close_sandboxes(self, sandbox_ids) -> None:
+        """Close every connection (pooled, in flight, tunnels) to these sandboxes, at once."""
+        for sandbox_id in sandbox_ids:
+            for pool in list(self.by_sandbox.pop(sandbox_id, ())):
+                self.by_key.pop(pool.key, None)
+                pool.close_all()
+
+    def close_idle(self) -> None:
+        self.closing = True
+        for pool in list(self.by_key.values()):
+            for conn in pool.idle:
+                conn.close()
+            pool.idle.clear()
+
+    def open_connections(self) -> int:
+        return sum(len(p.members) for p in self.by_key.values())
