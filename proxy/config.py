@@ -60,17 +60,46 @@ class TimeoutsConfig:
     upstream_idle: float = 610.0
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Where sandboxes may live unless the operator says otherwise: private address space only.
+# Loopback, link-local (cloud metadata 169.254.169.254) and public addresses must be allowed
+# explicitly.
+DEFAULT_ALLOWED_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     connect_attempts: int = 4
     connect_backoff: float = 0.1
     max_idle_per_backend: int = 64
+    allowed_networks: tuple[Network, ...] = DEFAULT_ALLOWED_NETWORKS
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
     max_header_bytes: int = 65536
     max_header_count: int = 200
+    max_request_line: int = 16384
+    sandbox_connections: int = 0  # 0 = unlimited
+    max_connections: int = 0      # 0 = unlimited
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    token_header: str = "e2b-traffic-access-token"
+    exempt_ports: frozenset[int] = frozenset({49983})
+    forward_token: bool = False
+    browser_cookie: bool = False
+    cookie_name: str = "sandbox-access-token"
+    query_parameter: str = "access_token"
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    header_routing: bool = False
+    sandbox_id_header: str = "E2b-Sandbox-Id"
+    sandbox_port_header: str = "E2b-Sandbox-Port"
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,8 @@ class ProxyConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -187,6 +218,8 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
         "timeouts": _parse_timeouts,
         "upstream": _parse_upstream,
         "limits": _parse_limits,
+        "access": _parse_access,
+        "routing": _parse_routing,
     }
     sections: dict[str, Any] = {}
     for name, table in data.items():
@@ -263,14 +296,27 @@ def _parse_timeouts(s: _Section) -> TimeoutsConfig:
     return config
 
 
+def _networks(s: _Section, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+    if key not in s.table:
+        return default
+    networks = []
+    for item in s.get(key, [], list):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise s.fail(key, f"{item!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
 def _parse_upstream(s: _Section) -> UpstreamConfig:
     d = UpstreamConfig()
     config = UpstreamConfig(
         connect_attempts=s.integer("connect_attempts", d.connect_attempts, 1, 100),
         connect_backoff=s.number("connect_backoff", d.connect_backoff, allow_zero=True),
         max_idle_per_backend=s.integer("max_idle_per_backend", d.max_idle_per_backend, 0),
+        allowed_networks=_networks(s, "allowed_networks", d.allowed_networks),
     )
-    s.finish({"connect_attempts", "connect_backoff", "max_idle_per_backend"})
+    s.finish({"connect_attempts", "connect_backoff", "max_idle_per_backend", "allowed_networks"})
     return config
 
 
@@ -279,6 +325,47 @@ def _parse_limits(s: _Section) -> LimitsConfig:
     config = LimitsConfig(
         max_header_bytes=s.integer("max_header_bytes", d.max_header_bytes, 1024, 1 << 24),
         max_header_count=s.integer("max_header_count", d.max_header_count, 1, 100_000),
+        max_request_line=s.integer("max_request_line", d.max_request_line, 256, 1 << 24),
+        sandbox_connections=s.integer("sandbox_connections", d.sandbox_connections, 0),
+        max_connections=s.integer("max_connections", d.max_connections, 0),
     )
-    s.finish({"max_header_bytes", "max_header_count"})
+    s.finish({"max_header_bytes", "max_header_count", "max_request_line",
+              "sandbox_connections", "max_connections"})
+    return config
+
+
+def _header_name(v: str) -> str | None:
+    if not v or not all(c.isascii() and (c.isalnum() or c in "-_") for c in v):
+        return f"{v!r} is not an HTTP header name"
+    return None
+
+
+def _parse_access(s: _Section) -> AccessConfig:
+    d = AccessConfig()
+    ports = s.get("exempt_ports", sorted(d.exempt_ports), list,
+                  lambda v: None if all(isinstance(p, int) and not isinstance(p, bool)
+                                        and 0 < p < 65536 for p in v)
+                  else "must be a list of ports (1-65535)")
+    config = AccessConfig(
+        token_header=s.get("token_header", d.token_header, str, _header_name).lower(),
+        exempt_ports=frozenset(ports),
+        forward_token=s.get("forward_token", d.forward_token, bool),
+        browser_cookie=s.get("browser_cookie", d.browser_cookie, bool),
+        cookie_name=s.get("cookie_name", d.cookie_name, str, _header_name),
+        query_parameter=s.get("query_parameter", d.query_parameter, str, _header_name),
+    )
+    s.finish({"token_header", "exempt_ports", "forward_token", "browser_cookie", "cookie_name",
+              "query_parameter"})
+    return config
+
+
+def _parse_routing(s: _Section) -> RoutingConfig:
+    d = RoutingConfig()
+    config = RoutingConfig(
+        header_routing=s.get("header_routing", d.header_routing, bool),
+        sandbox_id_header=s.get("sandbox_id_header", d.sandbox_id_header, str, _header_name),
+        sandbox_port_header=s.get("sandbox_port_header", d.sandbox_port_header, str,
+                                  _header_name),
+    )
+    s.finish({"header_routing", "sandbox_id_header", "sandbox_port_header"})
     return config

@@ -19,12 +19,15 @@ class ProxyError(Exception):
     status = 502
     close = False
     text_only = False  # plain text even for browsers (malformed requests)
+    headers: tuple[bytes, ...] = ()  # extra response header lines
 
-    def __init__(self, message: str, sandbox_id: str | None = None, port: int | None = None):
+    def __init__(self, message: str, sandbox_id: str | None = None, port: int | None = None,
+                 **extra: object):
         super().__init__(message)
         self.message = message
         self.sandbox_id = sandbox_id
         self.port = port
+        self.extra = extra
 
     def json_body(self) -> dict:
         body: dict = {}
@@ -33,6 +36,7 @@ class ProxyError(Exception):
         body["message"] = self.message
         if self.port is not None:
             body["port"] = self.port
+        body.update(self.extra)
         body["code"] = self.status
         return body
 
@@ -67,6 +71,59 @@ class HeadersTooLarge(BadRequest):
 
 class NotImplementedTransferCoding(BadRequest):
     status = 501
+
+
+class TooManyConnections(ProxyError):
+    """The process holds `limits.max_connections` client connections already."""
+    status = 503
+    close = True
+
+
+class RegistryUnavailable(ProxyError):
+    """The registry could not be asked; never a 502, which SDKs read as "sandbox gone"."""
+    status = 503
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("registry unavailable", sandbox_id)
+
+
+class AccessDenied(ProxyError):
+    status = 403
+
+    @classmethod
+    def missing(cls, sandbox_id: str, header: str) -> "AccessDenied":
+        return cls(f"Sandbox is secured with traffic access token. Token header '{header}' "
+                   "is missing", sandbox_id)
+
+    @classmethod
+    def invalid(cls, sandbox_id: str, header: str) -> "AccessDenied":
+        return cls(f"Sandbox is secured with traffic access token. Provided token in header "
+                   f"'{header}' is invalid", sandbox_id)
+
+
+class SandboxBusy(ProxyError):
+    status = 429
+
+    def __init__(self, sandbox_id: str, limit: int):
+        super().__init__("Too many concurrent requests to this sandbox", sandbox_id, limit=limit)
+
+
+class TokenAccepted(ProxyError):
+    """Not an error: the browser's ?access_token was valid; set the cookie and drop the token
+    from the URL (so it is neither forwarded nor kept in history)."""
+    status = 302
+
+    def __init__(self, sandbox_id: str, location: bytes, cookie: bytes):
+        super().__init__("Redirecting", sandbox_id)
+        self.headers = (b"Location: " + location + b"\r\n", b"Set-Cookie: " + cookie + b"\r\n")
+
+
+class BackendNotAllowed(ProxyError):
+    """The registry points outside [upstream] allowed_networks (or at the proxy itself)."""
+    status = 502
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("The sandbox was not found", sandbox_id)  # the reason goes to the log
 
 
 class SandboxNotFound(ProxyError):
@@ -167,6 +224,7 @@ def render_error(error: ProxyError, *, html_page: bool, head_only: bool, close: 
         b"Content-Length: %d\r\n" % len(body),
         b"Access-Control-Allow-Origin: *\r\n",
         b"Cache-Control: no-store\r\n",
+        *error.headers,
     ]
     if close:
         head.append(b"Connection: close\r\n")

@@ -1,22 +1,27 @@
 """Exchange: one request/response pair as the client connection sees it, and the routing decision
-made for it once its head is complete (Host -> sandbox -> backend address -> the head to send).
+made for it once its head is complete.
 
-`route_request` is the pipeline of RFC-ordered steps on a parsed head; it raises the ProxyError
-that answers the request instead when any step refuses it.
+`route_request` runs the steps in order (request target, headers, Host or routing headers ->
+sandbox address, registry look-up) and `admit` the per-sandbox ones (paused, traffic token, backend
+head). Each step either passes or raises the ProxyError that answers the request. A registry that
+must ask a remote store returns an awaitable; the client connection awaits it and calls `admit`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import hmac
+import ipaddress
+from typing import TYPE_CHECKING, Awaitable
 
 from proxy import errors
-from proxy.headers import (MalformedHeaders, build_request_head, forwarding_lines,
-                           scan_request_headers)
-from proxy.host import BadHost, SandboxAddress, parse_sandbox_host
+from proxy.headers import (MalformedHeaders, RequestHeaders, build_request_head, cookie_value,
+                           forwarding_lines, scan_request_headers, without_cookie)
+from proxy.host import BadHost, SandboxAddress, parse_sandbox_host, strip_host_port
 from proxy.registry import SandboxRecord
 
 if TYPE_CHECKING:
-    from proxy.edge import EdgeContext
+    from proxy.context import EdgeContext
     from proxy.upstream import UpstreamConnection
 
 # How the response body is framed towards the client.
@@ -24,15 +29,16 @@ BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = range(4)
 # Methods a request may be retried with on a fresh connection when a pooled one turned out dead
 # (RFC 9110 9.2.2), provided it carried no body.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_COOKIE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 
 
 class Exchange:
     __slots__ = (
         "method", "target", "headers", "head_size", "http11", "keep_alive", "upgrade",
-        "error", "record", "port", "backend_port", "upstream_head", "chunked", "has_body",
-        "pending", "pending_size", "trailers", "request_done", "upstream", "retried",
-        "response_started", "response_done", "status", "body_mode", "upstream_until_close",
-        "upstream_reusable", "close_after", "discard",
+        "error", "scanned", "host", "sandbox_id", "record", "port", "backend_port", "lookup",
+        "upstream_head", "chunked", "has_body", "pending", "pending_size", "trailers",
+        "request_done", "upstream", "retried", "response_started", "response_done", "status",
+        "body_mode", "upstream_until_close", "upstream_reusable", "close_after", "discard",
     )
 
     def __init__(self) -> None:
@@ -44,9 +50,13 @@ class Exchange:
         self.keep_alive = True
         self.upgrade: bytes | None = None  # the Upgrade value of a Connection: upgrade request
         self.error: errors.ProxyError | None = None
+        self.scanned: RequestHeaders | None = None
+        self.host = b""
+        self.sandbox_id = ""
         self.record: SandboxRecord | None = None
         self.port = 0
         self.backend_port = 0
+        self.lookup: Awaitable | None = None  # a registry answer still to come
         self.upstream_head = b""
         self.chunked = False
         self.has_body = False
@@ -85,9 +95,7 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise errors.BadRequest("Malformed request target")
-    slash = rest.find(b"/")
-    query = rest.find(b"?")
-    cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+    cut = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
     authority, path = rest[:cut], rest[cut:]
     if not authority or b"@" in authority:
         raise errors.BadRequest("Malformed request target")
@@ -96,21 +104,45 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
     return authority, path
 
 
+def _routing_headers(ctx: "EdgeContext", ex: Exchange, host: bytes) -> SandboxAddress | None:
+    """The sandbox named by E2b-Sandbox-Id/-Port, honoured on stable hosts only."""
+    try:
+        name = strip_host_port(host.decode("latin-1").strip().lower()).rstrip(".")
+    except BadHost:
+        return None
+    if name not in ctx.stable_hosts:
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return None
+    sandbox_id = ex.header(ctx.sandbox_id_header)
+    port = ex.header(ctx.sandbox_port_header)
+    if sandbox_id is None and port is None:
+        return None
+    if sandbox_id is None or port is None:
+        raise errors.BadHost(f"{ctx.config.routing.sandbox_id_header} and "
+                             f"{ctx.config.routing.sandbox_port_header} must be sent together")
+    try:
+        return parse_sandbox_host(f"{port.decode('latin-1').strip()}-"
+                                  f"{sandbox_id.decode('latin-1').strip()}.routed", ("routed",))
+    except BadHost as exc:
+        raise errors.BadHost(f"Invalid sandbox routing headers: {exc}") from None
+
+
 def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: bool,
-                  host_cache: dict[bytes, SandboxAddress]) -> None:
-    """Decide where `ex` goes and build the head for the backend (sets ex.upstream_head...)."""
+                  host_cache: dict[bytes, SandboxAddress]) -> Awaitable | None:
+    """Route `ex`; returns an awaitable when the registry must be asked remotely."""
     method = ex.method
     if method == b"CONNECT":
         raise errors.MethodNotAllowed("CONNECT is not supported")
     target = ex.target
     authority = None
     if not target.startswith(b"/"):
-        if target == b"*" and method == b"OPTIONS":
-            pass
-        else:
+        if target != b"*" or method != b"OPTIONS":
             authority, target = _split_absolute_form(target)
+            ex.target = target
     try:
-        scanned = scan_request_headers(ex.headers, trusted)
+        scanned = scan_request_headers(ex.headers, trusted, ctx.private_headers)
     except MalformedHeaders as exc:
         if "Transfer-Encoding" in str(exc):
             raise errors.NotImplementedTransferCoding(str(exc)) from None
@@ -118,28 +150,106 @@ def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: b
     host = authority if authority is not None else scanned.host
     if not host:
         raise errors.BadHost("Missing Host header")
+    ex.scanned = scanned
+    ex.host = host
     ex.chunked = scanned.chunked
     ex.has_body = scanned.chunked or scanned.content_length
     if ex.upgrade is not None and ex.has_body:
         raise errors.BadRequest("An upgrade request must not carry a body")
     address = host_cache.get(host)
     if address is None:
-        try:
-            address = parse_sandbox_host(host.decode("latin-1"), ctx.domains)
-        except BadHost as exc:
-            raise errors.BadHost(f"Invalid host: {exc}") from None
-        if len(host_cache) > 64:
-            host_cache.clear()
-        host_cache[host] = address
-    port, sandbox_id = address
-    record = ctx.registry.lookup(sandbox_id)
-    if record is None:
-        raise errors.SandboxNotFound(sandbox_id)
+        address = ctx.header_routing and _routing_headers(ctx, ex, host)
+        if not address:
+            try:
+                address = parse_sandbox_host(host.decode("latin-1"), ctx.domains)
+            except BadHost as exc:
+                raise errors.BadHost(f"Invalid host: {exc}") from None
+            if len(host_cache) > 64:
+                host_cache.clear()
+            host_cache[host] = address
+    ex.port, ex.sandbox_id = address
+    found = ctx.registry.lookup(ex.sandbox_id)
+    if found is None:
+        raise errors.SandboxNotFound(ex.sandbox_id)
+    if type(found) is SandboxRecord:
+        admit(ctx, ex, found, client_ip, trusted)
+        return None
+    return found
+
+
+def admit(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, client_ip: bytes,
+          trusted: bool) -> None:
+    """The per-sandbox steps: running, token, then the head the backend will see."""
+    if record.paused:
+        raise errors.SandboxNotFound(ex.sandbox_id)
+    scanned = ex.scanned
+    lines = None
+    if record.token_sha256 is not None and ex.port not in ctx.exempt_ports:
+        lines = check_token(ctx, ex, record, trusted)
+    elif ctx.strip_cookie is not None:
+        lines = without_cookie(scanned.lines, ctx.strip_cookie)
+    if lines is not None:
+        scanned = scanned._replace(lines=lines)
     ex.record = record
-    ex.port = port
-    ex.backend_port = record.backend_port(port)
-    masked = record.masked_host(port)
+    ex.backend_port = record.backend_port(ex.port)
+    masked = record.masked_host(ex.port)
+    host = ex.host
     ex.upstream_head = build_request_head(
-        method, target, masked if masked is not None else host, scanned,
+        ex.method, ex.target, masked if masked is not None else host, scanned,
         forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted),
         chunked=scanned.chunked, upgrade=ex.upgrade)
+
+
+def _token_matches(token: bytes, record: SandboxRecord) -> bool:
+    return hmac.compare_digest(hashlib.sha256(token).digest(), record.token_sha256)
+
+
+def check_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord,
+                trusted: bool) -> list[bytes] | None:
+    """Raise AccessDenied unless the request carries the sandbox's traffic token.
+
+    Returns the header lines to forward when the browser cookie must be removed from them.
+    """
+    header_name = ctx.token_header_name
+    token = ex.header(ctx.token_header)
+    access = ctx.config.access
+    if token is None and access.browser_cookie:
+        cookie_name = access.cookie_name.encode()
+        token = cookie_value(ex.header(b"cookie"), cookie_name)
+        if token is None:
+            _accept_query_token(ctx, ex, record, trusted)
+        if token is not None and not _token_matches(token, record):
+            raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
+        if ctx.strip_cookie is not None:
+            return without_cookie(ex.scanned.lines, ctx.strip_cookie)
+        return None
+    if token is None:
+        raise errors.AccessDenied.missing(ex.sandbox_id, header_name)
+    if not _token_matches(token, record):
+        raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
+    return None
+
+
+def _accept_query_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord,
+                        trusted: bool) -> None:
+    """`?access_token=T`: a valid T is answered with the cookie and a redirect without it."""
+    path, question, query = ex.target.partition(b"?")
+    if not question:
+        return
+    name = ctx.config.access.query_parameter.encode() + b"="
+    kept, token = [], None
+    for pair in query.split(b"&"):
+        if pair.startswith(name) and token is None:
+            token = pair[len(name):]
+        else:
+            kept.append(pair)
+    if token is None:
+        return
+    if not token or not _COOKIE_SAFE.issuperset(token) or not _token_matches(token, record):
+        raise errors.AccessDenied.invalid(ex.sandbox_id, ctx.token_header_name)
+    location = path + (b"?" + b"&".join(kept) if kept else b"")
+    cookie = (ctx.config.access.cookie_name.encode() + b"=" + token
+              + b"; Path=/; HttpOnly; SameSite=Lax")
+    if ctx.scheme == b"https" or (trusted and ex.scanned.forwarded_proto == b"https"):
+        cookie += b"; Secure"
+    raise errors.TokenAccepted(ex.sandbox_id, location, cookie)

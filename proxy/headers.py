@@ -49,11 +49,13 @@ def _named_by_connection(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool) -> RequestHeaders:
+def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
+                         private: frozenset[bytes] = frozenset()) -> RequestHeaders:
     """Split a request's headers into what is forwarded and what the proxy decides itself.
 
     X-Forwarded-For/-Proto/-Host are never copied as they are: forwarding_lines() rebuilds them.
-    The other forwarding headers pass only from a `trusted` peer.
+    The other forwarding headers pass only from a `trusted` peer; `private` names (lower case,
+    e.g. the traffic access token header) never pass.
     """
     host = xff = xfp = xfh = None
     lines: list[bytes] = []
@@ -91,6 +93,8 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool) 
                 continue
         elif lname == b"content-length":
             content_length = True
+        elif lname in private:
+            continue
         names.append(lname)
         lines.append(name + b": " + value + b"\r\n")
     if connection:
@@ -98,6 +102,31 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool) 
         if drop:
             lines = [line for lname, line in zip(names, lines) if lname not in drop]
     return RequestHeaders(host, lines, xff, xfp, xfh, trailers, content_length, chunked)
+
+
+def cookie_value(cookie_header: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header (RFC 6265 5.4 form), or None."""
+    if not cookie_header:
+        return None
+    for pair in cookie_header.split(b";"):
+        key, eq, value = pair.strip().partition(b"=")
+        if eq and key == name:
+            return value.strip().strip(b'"')
+    return None
+
+
+def without_cookie(lines: list[bytes], name: bytes) -> list[bytes]:
+    """Header lines with cookie `name` removed from every Cookie header (dropped when empty)."""
+    out = []
+    for line in lines:
+        if line[:7].lower() != b"cookie:":
+            out.append(line)
+            continue
+        pairs = [p.strip() for p in line[7:-2].split(b";")]
+        kept = [p for p in pairs if p and p.partition(b"=")[0] != name]
+        if kept:
+            out.append(b"Cookie: " + b"; ".join(kept) + b"\r\n")
+    return out
 
 
 def build_request_head(method: bytes, target: bytes, host: bytes, scanned: RequestHeaders,

@@ -15,7 +15,8 @@ import sys
 from aiohttp import web
 
 from proxy.config import ListenAddress, ProxyConfig
-from proxy.edge import ClientConnection, EdgeContext
+from proxy.context import EdgeContext
+from proxy.edge import ClientConnection
 from proxy.metrics import metrics_app
 from proxy.registry import Registry, open_registry
 from proxy.timeouts import DeadlineSweeper
@@ -58,14 +59,8 @@ async def serve(config: ProxyConfig, registry: Registry, *, reuse_port: bool = F
                                         t.upstream_idle))
     pools = UpstreamPools(config, loop, sweeper)
     registry.add_removal_listener(pools.close_sandboxes)
-    ctx = EdgeContext(
-        loop=loop, domains=config.server.domains, registry=registry, pools=pools,
-        sweeper=sweeper, trusted_proxies=config.server.trusted_proxies,
-        client_header_timeout=t.client_header, client_idle_timeout=t.client_idle,
-        upstream_header_timeout=t.upstream_header,
-        max_header_bytes=config.limits.max_header_bytes,
-        max_header_count=config.limits.max_header_count,
-    )
+    ctx = EdgeContext(loop=loop, config=config, registry=registry, pools=pools,
+                      sweeper=sweeper)
     sock = listening_socket(config.server.listen, config.server.backlog, reuse_port)
     server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock,
                                       backlog=config.server.backlog)

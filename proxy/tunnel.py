@@ -24,19 +24,16 @@ class Tunnel:
         self.client_ended = False
         self.upstream_ended = False
 
-    def started(self) -> None:
-        self.client.ctx.tunnels_opened += 1
-
     def client_eof(self) -> bool:
         """The client half-closed: pass it on; keep relaying the other way."""
         self.client_ended = True
-        return self._pass_eof(self.upstream.transport, self.client.transport)
+        return self._pass_eof(self.upstream.transport)
 
     def upstream_eof(self) -> bool:
         self.upstream_ended = True
-        return self._pass_eof(self.client.transport, self.upstream.transport)
+        return self._pass_eof(self.client.transport)
 
-    def _pass_eof(self, to, source) -> bool:
+    def _pass_eof(self, to) -> bool:
         if self.client_ended and self.upstream_ended:
             self.close()
             return False

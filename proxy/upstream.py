@@ -11,7 +11,9 @@ sandbox the registry removed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -32,6 +34,30 @@ class ConnectFailed(Exception):
     def __init__(self, reason: str, timed_out: bool):
         super().__init__(reason)
         self.timed_out = timed_out
+
+
+class BackendRefused(Exception):
+    """The backend address is outside [upstream] allowed_networks, or is the proxy itself."""
+
+
+class BackendPolicy:
+    """Which resolved backend addresses may be connected to (a poisoned registry must not turn
+    the proxy into a door into the operator's network)."""
+
+    def __init__(self, allowed_networks, own_listeners):
+        self.allowed = tuple(allowed_networks)
+        self.own = [(l.host, l.port) for l in own_listeners if l is not None]
+
+    def check(self, ip: str, port: int) -> str | None:
+        """None when allowed, else the reason."""
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+        for host, own_port in self.own:
+            if port == own_port and (host in ("0.0.0.0", "::", "") or address.is_loopback
+                                     or host == str(address)):
+                return f"{ip}:{port} is one of the proxy's own listeners"
+        if not any(address in network for network in self.allowed):
+            return f"{ip} is outside [upstream] allowed_networks"
+        return None
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -201,6 +227,24 @@ class UpstreamPool:
         if not self.members:
             self.pools.drop(self)
 
+    async def resolve(self) -> str:
+        """The address to connect to: the host itself if an IP, else its first allowed address.
+        The address checked is the address connected to (no second resolution to race)."""
+        policy = self.pools.policy
+        try:
+            ipaddress.ip_address(self.host.split("%", 1)[0])
+            candidates = [self.host]
+        except ValueError:
+            infos = await self.pools.loop.getaddrinfo(self.host, self.port,
+                                                      type=socket.SOCK_STREAM)
+            candidates = [info[4][0] for info in infos]
+        reason = "no address"
+        for ip in candidates:
+            reason = policy.check(ip, self.port)
+            if reason is None:
+                return ip
+        raise BackendRefused(reason)
+
     async def connect(self) -> UpstreamConnection:
         """Open a new connection, retrying refused connects with a doubling backoff."""
         pools = self.pools
@@ -212,10 +256,16 @@ class UpstreamPool:
                 await asyncio.sleep(pools.connect_backoff * (2 ** (attempt - 1)))
             try:
                 async with asyncio.timeout(pools.connect_timeout):
+                    ip = await self.resolve()
                     _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port)
+                        lambda: UpstreamConnection(self), ip, self.port)
                 pools.connects += 1
                 return conn  # type: ignore[return-value]
+            except BackendRefused:
+                pools.connect_failures += 1
+                if not self.members:
+                    pools.drop(self)
+                raise
             except TimeoutError:
                 timed_out, reason = True, f"connect timed out after {pools.connect_timeout}s"
             except OSError as exc:
@@ -237,6 +287,8 @@ class UpstreamPools:
     def __init__(self, config: ProxyConfig, loop: asyncio.AbstractEventLoop,
                  sweeper: DeadlineSweeper):
         self.loop = loop
+        self.policy = BackendPolicy(config.upstream.allowed_networks,
+                                    (config.server.listen, config.metrics.listen))
         self.sweeper = sweeper
         self.by_key: dict[tuple[str, str, int], UpstreamPool] = {}
         self.by_sandbox: dict[str, set[UpstreamPool]] = {}

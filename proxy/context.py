@@ -1,0 +1,82 @@
+"""EdgeContext: what every client connection of one process shares (settings resolved once from
+the config, the registry, the upstream pools, the deadline sweeper, counters and per-sandbox
+slots)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+
+from proxy.config import ProxyConfig
+from proxy.registry import Registry
+from proxy.timeouts import DeadlineSweeper
+from proxy.upstream import UpstreamPools
+
+
+@dataclass
+class EdgeContext:
+    loop: asyncio.AbstractEventLoop
+    config: ProxyConfig
+    registry: Registry
+    pools: UpstreamPools
+    sweeper: DeadlineSweeper
+    scheme: bytes = b"http"
+    draining: bool = False
+    connections: set = field(default_factory=set)
+    # counters read by proxy/metrics.py at scrape time
+    requests: int = 0
+    tunnels_opened: int = 0
+    responses: dict = field(default_factory=lambda: {1: 0, 2: 0, 3: 0, 4: 0, 5: 0})
+    # sandbox id -> requests in flight + open streams (only when limits.sandbox_connections > 0)
+    sandbox_slots: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.domains = c.server.domains
+        self.trusted_proxies = c.server.trusted_proxies
+        self.client_header_timeout = c.timeouts.client_header
+        self.client_idle_timeout = c.timeouts.client_idle
+        self.upstream_header_timeout = c.timeouts.upstream_header
+        self.max_header_bytes = c.limits.max_header_bytes
+        self.max_header_count = c.limits.max_header_count
+        self.max_request_line = c.limits.max_request_line
+        self.sandbox_limit = c.limits.sandbox_connections
+        self.max_connections = c.limits.max_connections
+        self.token_header = c.access.token_header.encode()
+        self.token_header_name = c.access.token_header
+        self.exempt_ports = c.access.exempt_ports
+        # request headers never forwarded: the token, unless the operator asks for it
+        self.private_headers = (frozenset() if c.access.forward_token
+                                else frozenset({self.token_header}))
+        # the browser-token cookie is removed from what backends see
+        self.strip_cookie = (c.access.cookie_name.encode()
+                             if c.access.browser_cookie and not c.access.forward_token else None)
+        self.header_routing = c.routing.header_routing
+        self.sandbox_id_header = c.routing.sandbox_id_header.lower().encode()
+        self.sandbox_port_header = c.routing.sandbox_port_header.lower().encode()
+        self.stable_hosts = frozenset({"localhost"} | {"sandbox." + d for d in self.domains})
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted_proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
+
+    def take_slot(self, sandbox_id: str) -> bool:
+        """Count one more request/stream for the sandbox; False when it is at its limit."""
+        count = self.sandbox_slots.get(sandbox_id, 0)
+        if count >= self.sandbox_limit:
+            return False
+        self.sandbox_slots[sandbox_id] = count + 1
+        return True
+
+    def give_slot(self, sandbox_id: str) -> None:
+        count = self.sandbox_slots.get(sandbox_id, 0) - 1
+        if count > 0:
+            self.sandbox_slots[sandbox_id] = count
+        else:
+            self.sandbox_slots.pop(sandbox_id, None)

@@ -1,0 +1,168 @@
+"""Relay: the response half of a client connection, called by the bound UpstreamConnection.
+
+It turns the backend's response head into the client's (hop-by-hop headers stripped, framing
+chosen for the client: Content-Length kept, chunked re-framed, read-until-close re-chunked for
+HTTP/1.1 clients), relays 1xx interim answers, writes body bytes as they arrive, ends the exchange
+and returns the backend connection to its pool when both sides allow. A backend that dies
+mid-response makes the client see an incomplete response, never a complete-looking one; after a
+101 it hands both connections to a Tunnel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy import errors
+from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Exchange
+from proxy.flow import WAITING_UPSTREAM
+from proxy.headers import scan_response_headers, trailer_lines
+from proxy.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from proxy.upstream import UpstreamConnection
+
+
+class ResponseRelay:
+    """Mixed into ClientConnection (proxy/edge.py), whose attributes it uses."""
+
+    def response_head(self, up: "UpstreamConnection", status: int) -> None:
+        ex: Exchange = self.active
+        if status < 200 and status != 101:
+            if ex.http11:  # interim (100 Continue, 103 Early Hints): relay, keep waiting
+                lines = scan_response_headers(up.headers).lines
+                self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n"
+                                     % (status, up.status_reason, b"".join(lines)))
+            up.head_seen = False
+            return
+        up.deadline = 0.0
+        ex.response_started = True
+        ex.status = status
+        scanned = scan_response_headers(up.headers)
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, up.status_reason)]
+        head += scanned.lines
+        if status == 101:
+            if ex.upgrade is None or scanned.upgrade is None:
+                ex.response_started = False
+                self.upstream_lost(up)  # a 101 nobody asked for: the backend is broken
+                up.close()
+                return
+            head.append(b"Connection: Upgrade\r\nUpgrade: " + scanned.upgrade + b"\r\n\r\n")
+            self.transport.write(b"".join(head))
+            return
+        ex.upstream_reusable = ex.upgrade is None and up.parser.should_keep_alive()
+        if ex.method == b"HEAD" or status == 204 or status == 304:
+            mode = BODY_NONE
+        elif scanned.content_length and not scanned.chunked:
+            mode = BODY_LENGTH
+        else:
+            ex.upstream_until_close = not scanned.chunked
+            mode = BODY_CHUNKED if ex.http11 else BODY_UNTIL_CLOSE
+        ex.body_mode = mode
+        if mode == BODY_CHUNKED:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        if not ex.keep_alive or mode == BODY_UNTIL_CLOSE or ex.close_after or self.ctx.draining:
+            ex.close_after = True
+            head.append(b"Connection: close\r\n\r\n")
+        elif not ex.http11:
+            head.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+        self.ctx.responses[status // 100] += 1
+        if ex.method == b"HEAD":
+            up.skip_response_body()
+            self.response_complete(up)
+
+    def response_body(self, body: bytes) -> None:
+        if self.active.body_mode == BODY_CHUNKED:
+            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            self.transport.write(body)
+
+    def response_complete(self, up: "UpstreamConnection") -> None:
+        ex = self.active
+        if ex is None or not ex.response_started or ex.status == 101 or ex.response_done:
+            return  # an interim response ended, or the tunnel takes over
+        if ex.body_mode == BODY_CHUNKED:
+            trailers = trailer_lines(up.trailers) if up.trailers else b""
+            self.transport.write(b"0\r\n" + trailers + b"\r\n")
+        self.unbind(ex, up, reuse=ex.upstream_reusable and ex.request_done)
+        self.response_done(ex)
+
+    def response_done(self, ex: Exchange) -> None:
+        ex.response_done = True
+        if ex.request_done:
+            self.finish(ex)
+        else:
+            ex.discard = True  # answered early: read and drop the rest of the request body
+
+    def unbind(self, ex: Exchange, up: "UpstreamConnection", reuse: bool) -> None:
+        ex.upstream = None
+        if self.upstream is up:
+            self.upstream = None
+        if reuse:
+            up.pool.release(up)
+        else:
+            up.client = None
+            up.close()
+
+    def upstream_lost(self, up: "UpstreamConnection") -> None:
+        """The backend connection closed (or broke) while bound to the active exchange."""
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+            return
+        ex = self.active
+        if ex is None or ex.upstream is not up:
+            return
+        ex.upstream = None
+        self.upstream = None
+        up.client = None
+        if ex.response_done:
+            return
+        if ex.response_started:
+            if ex.upstream_until_close:  # EOF is how this body ends
+                if ex.body_mode == BODY_CHUNKED:
+                    self.transport.write(b"0\r\n\r\n")
+                self.response_done(ex)
+            elif ex.body_mode == BODY_UNTIL_CLOSE:
+                self.transport.abort()  # a FIN would look like a complete body
+            else:
+                self.closing = True
+                self.transport.close()  # the client sees fewer bytes than framed: incomplete
+            return
+        if up.reused and ex.retryable and not ex.retried:
+            ex.retried = True  # a pooled connection the backend had already closed
+            self.connect_to_backend(ex, fresh=True)
+            return
+        self.answer(ex, errors.UpstreamClosed(ex.sandbox_id, ex.port))
+
+    def upstream_timed_out(self, up: "UpstreamConnection") -> None:
+        ex = self.active
+        if ex is None or ex.upstream is not up or ex.response_started:
+            return
+        self.unbind(ex, up, reuse=False)
+        self.answer(ex, errors.UpstreamTimeout(ex.sandbox_id, ex.port))
+
+    def upstream_upgraded(self, up: "UpstreamConnection", rest: bytes) -> None:
+        """The backend answered 101: from now on both sides are raw byte streams."""
+        ex = self.active
+        if ex is None or ex.upstream is not up or ex.status != 101:
+            up.close()
+            return
+        ex.response_done = True
+        self.ctx.responses[1] += 1
+        self.ctx.tunnels_opened += 1
+        self.tunnel = Tunnel(self, up)
+        self.tunnel_peer = up.transport
+        up.tunnel_peer = self.transport
+        self.deadline = up.deadline = 0.0
+        if rest:
+            self.transport.write(rest)
+        early, self.upgrade_rest = self.upgrade_rest, None
+        for data in early or ():
+            if data:
+                up.transport.write(data)
+        self.gate.resume(WAITING_UPSTREAM)
+
+    def tunnel_eof_from_upstream(self) -> bool | None:
+        return self.tunnel.upstream_eof() if self.tunnel is not None else False
