@@ -31,12 +31,29 @@ class ListenAddress:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    reload_interval: float = 10.0  # seconds between checks of the files; 0 = never
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: ListenAddress = ListenAddress("127.0.0.1", 8080)
     domains: frozenset[str] = frozenset({"localhost"})
     workers: int = 1  # 0 = one per CPU
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     backlog: int = 2048
+    drain_delay: float = 5.0     # after SIGTERM: /readyz 503 while still accepting
+    drain_timeout: float = 30.0  # then in-flight requests and streams get this long
+    proxy_protocol: bool = False
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    access: str = "json"  # json | text | off
+    level: str = "info"
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,7 @@ class ProxyConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -212,7 +230,7 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
     source = str(source_path) if source_path is not None else "<defaults>"
     base_dir = source_path.parent if source_path is not None else Path.cwd()
     parsers = {
-        "server": _parse_server,
+        "server": lambda s: _parse_server(s, base_dir),
         "registry": lambda s: _parse_registry(s, base_dir),
         "metrics": _parse_metrics,
         "timeouts": _parse_timeouts,
@@ -220,6 +238,7 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
         "limits": _parse_limits,
         "access": _parse_access,
         "routing": _parse_routing,
+        "log": _parse_log,
     }
     sections: dict[str, Any] = {}
     for name, table in data.items():
@@ -238,7 +257,36 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
     return ProxyConfig(source=source_path, **sections)
 
 
-def _parse_server(s: _Section) -> ServerConfig:
+def _parse_tls(s: _Section, base_dir: Path) -> TlsConfig:
+    paths = {}
+    for key in ("cert", "key"):
+        text = s.get(key, None, str, lambda v: None if v else "must not be empty")
+        if text is None:
+            raise s.fail(key, "required when [server.tls] is present")
+        path = Path(text) if Path(text).is_absolute() else base_dir / text
+        if not path.is_file():
+            raise s.fail(key, f"{path} is not a readable file")
+        paths[key] = path
+    config = TlsConfig(paths["cert"], paths["key"],
+                       s.number("reload_interval", TlsConfig.reload_interval, allow_zero=True))
+    s.finish({"cert", "key", "reload_interval"})
+    return config
+
+
+def _parse_log(s: _Section) -> LogConfig:
+    d = LogConfig()
+    config = LogConfig(
+        access=s.get("access", d.access, str, lambda v: None if v in ("json", "text", "off")
+                      else f"must be json, text or off, got {v!r}"),
+        level=s.get("level", d.level, str, lambda v: None if v in ("debug", "info", "warning",
+                                                                    "error")
+                    else f"must be debug, info, warning or error, got {v!r}"),
+    )
+    s.finish({"access", "level"})
+    return config
+
+
+def _parse_server(s: _Section, base_dir: Path) -> ServerConfig:
     d = ServerConfig()
 
     def check_domains(v: list) -> str | None:
@@ -263,8 +311,14 @@ def _parse_server(s: _Section) -> ServerConfig:
         workers=workers or (os.cpu_count() or 1),
         trusted_proxies=tuple(trusted),
         backlog=s.integer("backlog", d.backlog, 1, 1 << 20),
+        drain_delay=s.number("drain_delay", d.drain_delay, allow_zero=True),
+        drain_timeout=s.number("drain_timeout", d.drain_timeout, allow_zero=True),
+        proxy_protocol=s.get("proxy_protocol", d.proxy_protocol, bool),
+        tls=(_parse_tls(_Section(s.source, "server.tls", s.table["tls"]), base_dir)
+             if "tls" in s.table else None),
     )
-    s.finish({"listen", "domains", "workers", "trusted_proxies", "backlog"})
+    s.finish({"listen", "domains", "workers", "trusted_proxies", "backlog", "drain_delay",
+              "drain_timeout", "proxy_protocol", "tls"})
     return config
 
 
