@@ -60,6 +60,9 @@ def _file_signature(path: Path) -> tuple[int, int, int] | None:
 class StaticRegistry:
     """Sandboxes from a file, looked up from an in-memory dict."""
 
+    kind = "static"
+    writable = False  # admin writes come with the admin API (an in-memory overlay)
+
     def __init__(self, path: Path, reload_interval: float):
         self.path = path
         self.reload_interval = reload_interval
@@ -76,6 +79,9 @@ class StaticRegistry:
 
     def add_removal_listener(self, listener: RemovalListener) -> None:
         self._listeners.append(listener)
+
+    def ready(self) -> bool:
+        return True
 
     async def start(self) -> None:
         if self.reload_interval > 0:
