@@ -56,11 +56,35 @@ class LogConfig:
     level: str = "info"
 
 
+REGISTRY_KINDS = ("static", "dns", "redis")
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel",
+                     "redis+cluster", "rediss+cluster")
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
-    kind: str = "static"
+    kind: str = "static"  # static | dns | redis
+    # static
     path: Path = Path("sandboxes.toml")
     reload_interval: float = 1.0  # 0 = never re-read the file
+    # dns and redis: each remote look-up is bounded by this many seconds (then 503)
+    timeout: float = 2.0
+    # dns: <sandboxId>.<zone> A/AAAA (+ optional TXT) asked of these servers
+    nameservers: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 53),)
+    zone: str = "sandboxes.internal"
+    negative_ttl: float = 5.0  # cap on how long an NXDOMAIN is remembered
+    # redis: records as JSON under <prefix><sandboxId>
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "sandbox:"
+    # auto-resume of paused sandboxes (record state = "paused", auto_resume = true)
+    resume_url: str | None = None  # None = paused sandboxes are answered 502 not found
+    resume_timeout: float = 30.0   # how long a request waits for the sandbox to run again
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: ListenAddress | None = None  # None = no admin listener
+    token: str | None = field(default=None, repr=False)  # bearer token; never logged
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,7 @@ class ProxyConfig:
     source: Path | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -232,6 +257,7 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
     parsers = {
         "server": lambda s: _parse_server(s, base_dir),
         "registry": lambda s: _parse_registry(s, base_dir),
+        "admin": _parse_admin,
         "metrics": _parse_metrics,
         "timeouts": _parse_timeouts,
         "upstream": _parse_upstream,
@@ -325,15 +351,99 @@ def _parse_server(s: _Section, base_dir: Path) -> ServerConfig:
 def _parse_registry(s: _Section, base_dir: Path) -> RegistryConfig:
     d = RegistryConfig()
     kind = s.get("kind", d.kind, str,
-                 lambda v: None if v == "static" else f"unknown kind {v!r} (supported: static)")
+                 lambda v: None if v in REGISTRY_KINDS
+                 else f"unknown kind {v!r} (supported: {', '.join(REGISTRY_KINDS)})")
     path = Path(s.get("path", str(d.path), str, lambda v: None if v else "must not be empty"))
+    zone = s.get("zone", d.zone, str, _check_zone)
+    resume_url = s.get("resume_url", "", str, _check_http_url) or None
     config = RegistryConfig(
         kind=kind,
         path=path if path.is_absolute() else base_dir / path,
         reload_interval=s.number("reload_interval", d.reload_interval, allow_zero=True),
+        timeout=s.number("timeout", d.timeout),
+        nameservers=_nameservers(s, d.nameservers),
+        zone=normalize_domain(zone),
+        negative_ttl=s.number("negative_ttl", d.negative_ttl, allow_zero=True),
+        url=s.get("url", d.url, str, _check_redis_url),
+        prefix=s.get("prefix", d.prefix, str,
+                     lambda v: None if v and "*" not in v and "?" not in v and "[" not in v
+                     else "must be non-empty, without glob characters (* ? [)"),
+        resume_url=resume_url,
+        resume_timeout=s.number("resume_timeout", d.resume_timeout),
     )
-    s.finish({"kind", "path", "reload_interval"})
+    s.finish({"kind", "path", "reload_interval", "timeout", "nameservers", "zone",
+              "negative_ttl", "url", "prefix", "resume_url", "resume_timeout"})
     return config
+
+
+def _nameservers(s: _Section, default: tuple[ListenAddress, ...]) -> tuple[ListenAddress, ...]:
+    """`["10.0.0.2", "127.0.0.1:5353", "[::1]:53"]`: IP addresses, port 53 unless given."""
+    items = s.get("nameservers", None, list,
+                  lambda v: None if v else "must list at least one server")
+    if items is None:
+        return default
+    servers = []
+    for item in items:
+        if not isinstance(item, str):
+            raise s.fail("nameservers", f"{item!r} is not an IP address or IP:port")
+        try:
+            address = ListenAddress(str(ipaddress.ip_address(item)), 53)
+        except ValueError:
+            try:
+                address = parse_listen(item)
+                ipaddress.ip_address(address.host)
+            except ValueError:
+                raise s.fail("nameservers",
+                             f"{item!r} is not an IP address or IP:port") from None
+        servers.append(address)
+    return tuple(servers)
+
+
+def _check_zone(v: str) -> str | None:
+    labels = normalize_domain(v).split(".")
+    if not all(0 < len(label) < 64 and label.isascii()
+               and all(c.isalnum() or c in "-_" for c in label) for label in labels):
+        return f"{v!r} is not a domain name"
+    return None
+
+
+def _check_http_url(v: str) -> str | None:
+    if v == "":
+        return None
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        return f"expected an http:// or https:// URL, got {v!r}"
+    return None
+
+
+def _check_redis_url(v: str) -> str | None:
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in REDIS_URL_SCHEMES or not rest:
+        return (f"expected a URL with scheme {', '.join(REDIS_URL_SCHEMES)}, got {v!r}")
+    if "sentinel" in scheme:
+        hosts, _, path = rest.rpartition("@")[2].partition("/")
+        if not hosts or not path.split("/")[0]:
+            return "a sentinel URL is redis+sentinel://host:port[,host:port]/<service>[/<db>]"
+    return None
+
+
+def _parse_admin(s: _Section) -> AdminConfig:
+    listen = s.listen("listen", None, allow_empty=True)
+    token = s.get("token", None, str)
+    from_env = os.environ.get(ADMIN_TOKEN_ENV)
+    if from_env:
+        token = from_env
+    if listen is not None:
+        if not token:
+            raise s.fail("token", f"required when listen is set (or set {ADMIN_TOKEN_ENV})")
+        if len(token) < 16 or any(c.isspace() for c in token) or not token.isascii():
+            raise s.fail("token", "must be at least 16 ASCII characters without spaces"
+                         + (f" (from {ADMIN_TOKEN_ENV})" if from_env else ""))
+    s.finish({"listen", "token"})
+    return AdminConfig(listen=listen, token=token or None)
+
+
+ADMIN_TOKEN_ENV = "SANDBOX_PROXY_ADMIN_TOKEN"
 
 
 def _parse_metrics(s: _Section) -> MetricsConfig:

@@ -8,8 +8,10 @@ import asyncio
 import ipaddress
 from dataclasses import dataclass, field
 
+from proxy.accesslog import AccessLog
 from proxy.config import ProxyConfig
 from proxy.registry import Registry
+from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
 from proxy.upstream import UpstreamPools
 
@@ -21,18 +23,20 @@ class EdgeContext:
     registry: Registry
     pools: UpstreamPools
     sweeper: DeadlineSweeper
+    stats: Stats
+    access_log: AccessLog
     scheme: bytes = b"http"
     draining: bool = False
     connections: set = field(default_factory=set)
-    # counters read by proxy/metrics.py at scrape time
-    requests: int = 0
-    tunnels_opened: int = 0
-    responses: dict = field(default_factory=lambda: {1: 0, 2: 0, 3: 0, 4: 0, 5: 0})
     # sandbox id -> requests in flight + open streams (only when limits.sandbox_connections > 0)
     sandbox_slots: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        c = self.config
+        self.apply(self.config)
+
+    def apply(self, c: ProxyConfig) -> None:
+        """Adopt the settings that may change while serving (SIGHUP reload)."""
+        self.config = c
         self.domains = c.server.domains
         self.trusted_proxies = c.server.trusted_proxies
         self.client_header_timeout = c.timeouts.client_header
@@ -56,6 +60,22 @@ class EdgeContext:
         self.sandbox_id_header = c.routing.sandbox_id_header.lower().encode()
         self.sandbox_port_header = c.routing.sandbox_port_header.lower().encode()
         self.stable_hosts = frozenset({"localhost"} | {"sandbox." + d for d in self.domains})
+
+    def gauges(self) -> dict[str, float]:
+        connections = self.connections
+        registry = self.registry
+        gauges = {
+            "client_connections": len(connections),
+            "requests_in_flight": sum(1 for c in connections
+                                      if c.active is not None and c.tunnel is None),
+            "open_streams": sum(1 for c in connections if c.tunnel is not None),
+            "draining": int(self.draining),
+            "registry_ready": int(registry.ready()),
+            **self.pools.gauges(),
+        }
+        if hasattr(registry, "__len__"):
+            gauges["sandboxes"] = len(registry)  # type: ignore[arg-type]
+        return gauges
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted_proxies:

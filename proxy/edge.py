@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import monotonic
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -31,8 +32,10 @@ LINGER_SECONDS = 2.0        # reading (and discarding) after our answer before a
 
 
 class ClientConnection(ResponseRelay, asyncio.Protocol):
-    def __init__(self, ctx: EdgeContext):
+    def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
+        """`client_ip` overrides the socket's peer (the PROXY protocol header's source)."""
         self.ctx = ctx
+        self.proxied_ip = client_ip
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
@@ -48,6 +51,8 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.slot: str | None = None  # sandbox whose connection slot the active exchange holds
         self.tunnel: Tunnel | None = None
         self.tunnel_peer: asyncio.Transport | None = None
+        self.tunnel_in = 0  # bytes relayed to the backend after a 101
+        self.out: list[bytes] = []  # response bytes waiting for flush_out (see relay.py)
         self.upgrade_rest: list[bytes] | None = None  # bytes after an upgrade request's head
         self.in_head = True
         self.head_bytes = 0
@@ -63,18 +68,22 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.gate = ReadGate(self.transport)
         ctx = self.ctx
-        peer = transport.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "-"
+        ip = self.proxied_ip
+        if ip is None:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else "-"
         self.client_ip = ip.encode()
         self.trusted = ctx.is_trusted(ip)
         self.deadline = self.loop.time() + ctx.client_header_timeout
         ctx.sweeper.watched.add(self)
         ctx.connections.add(self)
+        ctx.stats.connections_opened += 1
         if ctx.max_connections and len(ctx.connections) > ctx.max_connections:
             self.answer(Exchange(), errors.TooManyConnections("Too many connections"))
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel_peer is not None:
+            self.tunnel_in += len(data)
             self.tunnel_peer.write(data)
             return
         if self.closing:
@@ -113,9 +122,17 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
+        ex = self.active
         if self.tunnel is not None:
             self.tunnel.client_lost()
-        elif self.upstream is not None:
+            if ex is not None:
+                ex.bytes_in, ex.bytes_out = self.tunnel_in, self.tunnel.upstream.tunnel_out
+                self.ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
+                self.exchange_ended(ex)
+        elif ex is not None and not ex.ended:
+            ex.outcome = "client_closed"
+            self.exchange_ended(ex)
+        if self.tunnel is None and self.upstream is not None:
             up, self.upstream = self.upstream, None
             up.client = None
             up.abort()
@@ -174,7 +191,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         self.deadline = 0.0
-        self.ctx.requests += 1
+        ex.started = monotonic()
         ex.method = parser.get_method()
         ex.http11 = parser.get_http_version() == "1.1"
         ex.keep_alive = parser.should_keep_alive()
@@ -191,6 +208,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         ex = self.parsing
         if ex is None or ex.discard or ex.error is not None:
             return
+        ex.bytes_in += len(body)
         up = ex.upstream
         if up is not None:
             if ex.chunked:
@@ -267,6 +285,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.dispatch(ex)
 
     async def connect(self, ex: Exchange, pool) -> None:
+        started = monotonic()
         try:
             conn = await pool.connect()
         except (ConnectFailed, BackendRefused) as exc:
@@ -282,6 +301,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
                     self.answer(ex, errors.PortNotOpen(ex.sandbox_id, ex.port))
             return
         self.connecting = None
+        ex.connect_time = monotonic() - started
         if self.closed or self.active is not ex:
             pool.release(conn)
             return
@@ -337,15 +357,43 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         # A body still coming is not waited for: answer, then linger-close.
         close = (error.close or not ex.keep_alive or ex.close_after or self.ctx.draining
                  or (ex.has_body and not ex.request_done))
-        self.transport.write(errors.render_error(
+        self.out.append(errors.render_error(
             error, html_page=ex.wants_html(), head_only=ex.method == b"HEAD", close=close))
-        self.ctx.responses[error.status // 100] += 1
+        self.flush_out()
+        self.record_response(ex, error.status, "http")
+        ex.outcome = type(error).__name__
         ex.response_started = True
         if close:
             ex.response_done = True
+            self.exchange_ended(ex)
             self.linger_close()
         else:
             self.response_done(ex)
+
+    def record_response(self, ex: Exchange, status: int, protocol: str) -> None:
+        ex.status = status
+        ex.protocol = protocol
+        stats = self.ctx.stats
+        stats.response(status, ex.method, protocol)
+        if ex.started:
+            stats.response_duration.observe(monotonic() - ex.started)
+
+    def exchange_ended(self, ex: Exchange) -> None:
+        """Account for an exchange once, however it ended: counters and the access log."""
+        if ex.ended:
+            return
+        ex.ended = True
+        ctx = self.ctx
+        stats = ctx.stats
+        stats.request_bytes += ex.bytes_in
+        stats.response_bytes += ex.bytes_out
+        duration = monotonic() - ex.started if ex.started else 0.0
+        if ex.protocol == "sse":
+            stats.stream_duration["sse"].observe(duration)
+        if ctx.access_log.enabled:
+            ctx.access_log.record(self.client_ip, ex.method, ex.host, ex.sandbox_id, ex.port,
+                                  ex.target, ex.status, ex.bytes_in, ex.bytes_out, duration,
+                                  ex.connect_time, ex.outcome, ex.protocol)
 
     def linger_close(self) -> None:
         """Send FIN after the answer, keep reading (and dropping) briefly, then close.
@@ -353,6 +401,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         Closing a socket with unread input makes the kernel send RST, which can destroy the
         answer before the client reads it.
         """
+        self.flush_out()
         self.closing = self.lingering = True
         self.active = self.queued = None
         self.release_slot()
@@ -372,6 +421,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
 
     def finish(self, ex: Exchange) -> None:
         """The exchange is complete both ways: serve the next pipelined request or wait."""
+        self.exchange_ended(ex)
         self.active = None
         self.release_slot()
         if ex.close_after or self.closing:

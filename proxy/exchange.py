@@ -39,6 +39,7 @@ class Exchange:
         "upstream_head", "chunked", "has_body", "pending", "pending_size", "trailers",
         "request_done", "upstream", "retried", "response_started", "response_done", "status",
         "body_mode", "upstream_until_close", "upstream_reusable", "close_after", "discard",
+        "started", "bytes_in", "bytes_out", "connect_time", "protocol", "outcome", "ended",
     )
 
     def __init__(self) -> None:
@@ -74,6 +75,14 @@ class Exchange:
         self.upstream_reusable = False
         self.close_after = False
         self.discard = False  # the response is done: drop the rest of the request body
+        # for metrics and the access log
+        self.started = 0.0      # time.monotonic() when the head was complete
+        self.bytes_in = 0       # request body bytes
+        self.bytes_out = 0      # response body bytes
+        self.connect_time = 0.0  # seconds spent opening a backend connection (0: pooled)
+        self.protocol = "http"  # http | sse | websocket | tunnel
+        self.outcome = "ok"
+        self.ended = False      # accounted for (metrics, access log)
 
     @property
     def retryable(self) -> bool:
@@ -170,8 +179,10 @@ def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: b
     ex.port, ex.sandbox_id = address
     found = ctx.registry.lookup(ex.sandbox_id)
     if found is None:
+        ctx.stats.lookups_not_found += 1
         raise errors.SandboxNotFound(ex.sandbox_id)
     if type(found) is SandboxRecord:
+        ctx.stats.lookups_found += 1
         admit(ctx, ex, found, client_ip, trusted)
         return None
     return found

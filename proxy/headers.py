@@ -162,6 +162,7 @@ class ResponseHeaders(NamedTuple):
     content_length: bool
     chunked: bool
     upgrade: bytes | None
+    event_stream: bool  # Content-Type: text/event-stream (Server-Sent Events)
 
 
 def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHeaders:
@@ -169,7 +170,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHea
     lines: list[bytes] = []
     names: list[bytes] = []
     connection: list[bytes] = []
-    content_length = chunked = False
+    content_length = chunked = event_stream = False
     upgrade = None
     for name, value in headers:
         lname = name.lower()
@@ -183,13 +184,15 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHea
             continue
         if lname == b"content-length":
             content_length = True
+        elif lname == b"content-type":
+            event_stream = value[:17].lower() == b"text/event-stream"
         names.append(lname)
         lines.append(name + b": " + value + b"\r\n")
     if connection:
         drop = _named_by_connection(connection)
         if drop:
             lines = [line for lname, line in zip(names, lines) if lname not in drop]
-    return ResponseHeaders(lines, content_length, chunked, upgrade)
+    return ResponseHeaders(lines, content_length, chunked, upgrade, event_stream)
 
 
 def trailer_lines(trailers: list[tuple[bytes, bytes]]) -> bytes:

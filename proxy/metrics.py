@@ -1,64 +1,126 @@
-"""Metrics listener: /metrics (Prometheus text), /healthz (alive) and /readyz (ready, not draining).
+"""Metrics listener: /metrics (Prometheus text), /healthz (alive) and /readyz (registry reachable
+and not draining).
 
-The hot path only increments plain integers on the EdgeContext; a prometheus-client collector reads
-them at scrape time, so serving a request never touches a metrics library lock.
+The numbers come from `Stats` snapshots (proxy/stats.py): the process's own when it serves alone,
+or the sum of every worker's latest snapshot when `server.workers > 1` (the supervisor serves this
+listener then). Metric names follow Prometheus conventions under one prefix, in base units; no
+label ever carries a sandbox id, a host or a path.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import platform
+from typing import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, InfoMetricFamily)
 
 from proxy import __version__
 
-if TYPE_CHECKING:
-    from proxy.edge import EdgeContext
+P = "sandbox_proxy_"
+GAUGES = {  # snapshot gauge name -> (metric name, help)
+    "client_connections": ("client_connections", "Open client connections"),
+    "requests_in_flight": ("requests_in_flight", "Requests being served (head read, not done)"),
+    "open_streams": ("open_streams", "Open upgraded streams (WebSocket and other tunnels)"),
+    "upstream_connections": ("upstream_connections",
+                             "Open backend connections (pooled, busy and tunnels)"),
+    "upstream_idle_connections": ("upstream_idle_connections",
+                                  "Idle keep-alive backend connections in the pools"),
+    "upstream_pools": ("upstream_pools", "Backend pools (one per sandbox address and port)"),
+    "sandboxes": ("registry_sandboxes", "Sandboxes known to the registry (static kinds)"),
+    "draining": ("draining", "1 while the process drains after SIGTERM"),
+    "registry_ready": ("registry_ready", "1 when the registry is reachable"),
+    "workers": ("workers", "Worker processes serving the edge"),
+}
 
-CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+def _histogram(name: str, doc: str, h: dict, labels: list[str] | None = None,
+               values: list[str] | None = None, family=None):
+    family = family or HistogramMetricFamily(name, doc, labels=labels)
+    cumulative, running = [], 0
+    for bound, count in zip([*h["bounds"], float("inf")], h["counts"]):
+        running += count
+        cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
+    family.add_metric(values or [], cumulative, h["sum"])
+    return family
 
 
-class EdgeCollector:
-    def __init__(self, ctx: "EdgeContext"):
-        self.ctx = ctx
+class SnapshotCollector:
+    """Renders a merged Stats snapshot as Prometheus metric families."""
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot
 
     def collect(self):
-        ctx = self.ctx
-        yield InfoMetricFamily("sandbox_proxy_build", "Build information",
-                               value={"version": __version__})
-        requests = CounterMetricFamily("sandbox_proxy_requests",
-                                       "Requests whose head was read completely")
-        requests.add_metric([], ctx.requests)
+        s = self.snapshot()
+        yield InfoMetricFamily(P + "build", "Build information",
+                               value={"version": __version__,
+                                      "python": platform.python_version()})
+        if not s:
+            return
+        requests = CounterMetricFamily(P + "requests", "Responses sent, by status class, "
+                                       "method and protocol (http, websocket, sse)",
+                                       labels=["code_class", "method", "protocol"])
+        for code_class, method, protocol, n in s["responses"]:
+            requests.add_metric([code_class, method, protocol], n)
         yield requests
-        responses = CounterMetricFamily("sandbox_proxy_responses",
-                                        "Responses sent to clients by status class",
-                                        labels=["code_class"])
-        for klass, count in ctx.responses.items():
-            responses.add_metric([CLASSES[klass]], count)
-        yield responses
-        tunnels = CounterMetricFamily("sandbox_proxy_tunnels", "Upgrades relayed as raw tunnels")
-        tunnels.add_metric([], ctx.tunnels_opened)
-        yield tunnels
-        clients = GaugeMetricFamily("sandbox_proxy_client_connections",
-                                    "Open client connections")
-        clients.add_metric([], len(ctx.connections))
-        yield clients
-        upstreams = GaugeMetricFamily("sandbox_proxy_upstream_connections",
-                                      "Open backend connections (pooled, busy and tunnels)")
-        upstreams.add_metric([], ctx.pools.open_connections())
-        yield upstreams
-        failures = CounterMetricFamily("sandbox_proxy_upstream_connect_failures",
-                                       "Failed connect attempts to backends")
-        failures.add_metric([], ctx.pools.connect_failures)
+        yield _histogram(P + "request_duration_seconds",
+                         "Time from a complete request head to the response head",
+                         s["response_duration"])
+        streams = HistogramMetricFamily(P + "stream_duration_seconds",
+                                        "Lifetime of upgraded streams and SSE responses",
+                                        labels=["protocol"])
+        for protocol, h in sorted(s["stream_duration"].items()):
+            _histogram("", "", h, values=[protocol], family=streams)
+        yield streams
+        for key, doc in (("request_bytes", "Request body bytes received from clients"),
+                         ("response_bytes", "Response body bytes sent to clients"),
+                         ("connections_opened", "Client connections accepted")):
+            counter = CounterMetricFamily(P + key, doc)
+            counter.add_metric([], s[key])
+            yield counter
+        yield _histogram(P + "upstream_connect_duration_seconds",
+                         "Time to open a new backend connection", s["connect_duration"])
+        failures = CounterMetricFamily(P + "upstream_connect_failures",
+                                       "Failed backend connect attempts by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(s["connect_failures"].items()):
+            failures.add_metric([reason], n)
         yield failures
+        retries = CounterMetricFamily(P + "upstream_retries",
+                                      "Requests retried on a fresh backend connection")
+        retries.add_metric([], s["retries"])
+        yield retries
+        lookups = CounterMetricFamily(P + "registry_lookups", "Registry look-ups by outcome",
+                                      labels=["kind", "outcome"])
+        for kind, outcome, n in s["lookups"]:
+            lookups.add_metric([kind, outcome], n)
+        yield lookups
+        yield _histogram(P + "registry_lookup_duration_seconds",
+                         "Duration of registry look-ups that went to a remote store",
+                         s["lookup_duration"])
+        reloads = CounterMetricFamily(P + "reloads", "Config, registry and certificate reloads",
+                                      labels=["what", "result"])
+        for what, result, n in s["reloads"]:
+            reloads.add_metric([what, result], n)
+        yield reloads
+        last = GaugeMetricFamily(P + "last_reload_success_timestamp_seconds",
+                                 "Unix time of the last successful reload", labels=["what"])
+        for what, when in sorted(s["last_reload_success"].items()):
+            last.add_metric([what], when)
+        yield last
+        for key, (name, doc) in GAUGES.items():
+            if key in s["gauges"]:
+                gauge = GaugeMetricFamily(P + name, doc)
+                gauge.add_metric([], s["gauges"][key])
+                yield gauge
 
 
-def metrics_app(ready: Callable[[], bool], ctx: "EdgeContext | None") -> web.Application:
-    registry = CollectorRegistry()
-    if ctx is not None:
-        registry.register(EdgeCollector(ctx))
+def metrics_app(snapshot: Callable[[], dict], ready: Callable[[], bool]) -> web.Application:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -6,10 +6,16 @@ HTTP/1.1 clients), relays 1xx interim answers, writes body bytes as they arrive,
 and returns the backend connection to its pool when both sides allow. A backend that dies
 mid-response makes the client see an incomplete response, never a complete-looking one; after a
 101 it hands both connections to a Tunnel.
+
+Everything produced while handling one read from the backend is collected in `out` and written
+with one writelines (one writev): a small response costs one send, not one for its head and
+another for its body. Anything written to the client directly calls `flush_out` first, so bytes
+never overtake each other.
 """
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from proxy import errors
@@ -30,8 +36,8 @@ class ResponseRelay:
         if status < 200 and status != 101:
             if ex.http11:  # interim (100 Continue, 103 Early Hints): relay, keep waiting
                 lines = scan_response_headers(up.headers).lines
-                self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n"
-                                     % (status, up.status_reason, b"".join(lines)))
+                self.out.append(b"HTTP/1.1 %d %s\r\n%s\r\n"
+                                % (status, up.status_reason, b"".join(lines)))
             up.head_seen = False
             return
         up.deadline = 0.0
@@ -47,7 +53,9 @@ class ResponseRelay:
                 up.close()
                 return
             head.append(b"Connection: Upgrade\r\nUpgrade: " + scanned.upgrade + b"\r\n\r\n")
-            self.transport.write(b"".join(head))
+            self.out.append(b"".join(head))
+            self.record_response(ex, 101, "websocket" if scanned.upgrade.strip().lower()
+                                 == b"websocket" else "tunnel")
             return
         ex.upstream_reusable = ex.upgrade is None and up.parser.should_keep_alive()
         if ex.method == b"HEAD" or status == 204 or status == 304:
@@ -67,17 +75,19 @@ class ResponseRelay:
             head.append(b"Connection: keep-alive\r\n\r\n")
         else:
             head.append(b"\r\n")
-        self.transport.write(b"".join(head))
-        self.ctx.responses[status // 100] += 1
+        self.out.append(b"".join(head))
+        self.record_response(ex, status, "sse" if scanned.event_stream else "http")
         if ex.method == b"HEAD":
             up.skip_response_body()
             self.response_complete(up)
 
     def response_body(self, body: bytes) -> None:
-        if self.active.body_mode == BODY_CHUNKED:
-            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        ex = self.active
+        ex.bytes_out += len(body)
+        if ex.body_mode == BODY_CHUNKED:
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
-            self.transport.write(body)
+            self.out.append(body)
 
     def response_complete(self, up: "UpstreamConnection") -> None:
         ex = self.active
@@ -85,9 +95,16 @@ class ResponseRelay:
             return  # an interim response ended, or the tunnel takes over
         if ex.body_mode == BODY_CHUNKED:
             trailers = trailer_lines(up.trailers) if up.trailers else b""
-            self.transport.write(b"0\r\n" + trailers + b"\r\n")
+            self.out.append(b"0\r\n" + trailers + b"\r\n")
         self.unbind(ex, up, reuse=ex.upstream_reusable and ex.request_done)
         self.response_done(ex)
+
+    def flush_out(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            if not self.transport.is_closing():
+                self.transport.writelines(out)
 
     def response_done(self, ex: Exchange) -> None:
         ex.response_done = True
@@ -122,16 +139,22 @@ class ResponseRelay:
         if ex.response_started:
             if ex.upstream_until_close:  # EOF is how this body ends
                 if ex.body_mode == BODY_CHUNKED:
-                    self.transport.write(b"0\r\n\r\n")
+                    self.out.append(b"0\r\n\r\n")
+                self.flush_out()
                 self.response_done(ex)
-            elif ex.body_mode == BODY_UNTIL_CLOSE:
-                self.transport.abort()  # a FIN would look like a complete body
             else:
-                self.closing = True
-                self.transport.close()  # the client sees fewer bytes than framed: incomplete
+                ex.outcome = "upstream_closed"
+                self.exchange_ended(ex)
+                self.flush_out()
+                if ex.body_mode == BODY_UNTIL_CLOSE:
+                    self.transport.abort()  # a FIN would look like a complete body
+                else:
+                    self.closing = True
+                    self.transport.close()  # fewer bytes than framed: the client sees it
             return
         if up.reused and ex.retryable and not ex.retried:
             ex.retried = True  # a pooled connection the backend had already closed
+            self.ctx.stats.retries += 1
             self.connect_to_backend(ex, fresh=True)
             return
         self.answer(ex, errors.UpstreamClosed(ex.sandbox_id, ex.port))
@@ -150,14 +173,14 @@ class ResponseRelay:
             up.close()
             return
         ex.response_done = True
-        self.ctx.responses[1] += 1
-        self.ctx.tunnels_opened += 1
+        ex.started = monotonic()  # from here on it measures the stream's lifetime
         self.tunnel = Tunnel(self, up)
         self.tunnel_peer = up.transport
         up.tunnel_peer = self.transport
         self.deadline = up.deadline = 0.0
         if rest:
-            self.transport.write(rest)
+            self.out.append(rest)
+        self.flush_out()
         early, self.upgrade_rest = self.upgrade_rest, None
         for data in early or ():
             if data:

@@ -1,30 +1,49 @@
-"""Server: runs one proxy process (edge listener, metrics listener, registry, drain on SIGTERM)
-and, with `server.workers > 1`, supervises that many worker processes sharing the port through
-SO_REUSEPORT.
+"""Server: the lifecycle of the proxy's processes.
+
+One process (`server.workers = 1`) runs everything: the edge listener, the metrics listener, the
+registry. With more workers, a supervisor forks that many processes sharing the edge port through
+SO_REUSEPORT; each writes a Stats snapshot every second and the supervisor serves /metrics as
+their sum, plus /healthz and /readyz. Signals:
+- SIGTERM/SIGINT: /readyz turns 503 at once; the edge keeps serving for `drain_delay` (so the load
+  balancer notices), then stops accepting; in-flight requests finish; streams get until
+  `drain_timeout`, then are closed; exit 0.
+- SIGHUP: re-read the config and apply what can change safely (timeouts, limits, access, routing,
+  domains, trusted proxies, log level), re-read the registry file and the TLS certificate; keys
+  that need a restart are reported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import socket
-import sys
+import tempfile
+import time
+from pathlib import Path
 
 from aiohttp import web
 
-from proxy.config import ListenAddress, ProxyConfig
+from proxy.accesslog import AccessLog
+from proxy.config import ConfigError, ListenAddress, ProxyConfig, load_config
 from proxy.context import EdgeContext
-from proxy.edge import ClientConnection
+from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
 from proxy.registry import Registry, open_registry
+from proxy.stats import Stats, merge
 from proxy.timeouts import DeadlineSweeper
+from proxy.tls import CertificateStore
 from proxy.upstream import UpstreamPools
 
 log = logging.getLogger("sandbox_proxy")
 
-DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get after SIGTERM
+SNAPSHOT_SECONDS = 1.0
+# Keys whose change needs a restart (sockets, processes, the registry's identity).
+RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
+                ("server", "proxy_protocol"), ("server", "tls"), ("registry", "kind"),
+                ("registry", "path"), ("metrics", "listen"))
 
 
 def install_event_loop_policy() -> None:
@@ -34,6 +53,10 @@ def install_event_loop_policy() -> None:
         log.warning("uvloop is not available; using the default asyncio event loop")
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def set_log_level(config: ProxyConfig) -> None:
+    logging.getLogger().setLevel(config.log.level.upper())
 
 
 def listening_socket(address: ListenAddress, backlog: int, reuse_port: bool) -> socket.socket:
@@ -50,93 +73,256 @@ def listening_socket(address: ListenAddress, backlog: int, reuse_port: bool) -> 
     return sock
 
 
-async def serve(config: ProxyConfig, registry: Registry, *, reuse_port: bool = False,
-                metrics: bool = True) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and return."""
-    loop = asyncio.get_running_loop()
-    t = config.timeouts
-    sweeper = DeadlineSweeper(loop, min(t.client_header, t.upstream_header, t.client_idle,
-                                        t.upstream_idle))
-    pools = UpstreamPools(config, loop, sweeper)
-    registry.add_removal_listener(pools.close_sandboxes)
-    ctx = EdgeContext(loop=loop, config=config, registry=registry, pools=pools,
-                      sweeper=sweeper)
-    sock = listening_socket(config.server.listen, config.server.backlog, reuse_port)
-    server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock,
-                                      backlog=config.server.backlog)
-    runner = None
-    if metrics and config.metrics.listen is not None:
-        runner = web.AppRunner(metrics_app(lambda: not ctx.draining, ctx), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, config.metrics.listen.host, config.metrics.listen.port,
-                           reuse_port=reuse_port)
-        await site.start()
-    await registry.start()
-    sweeper.start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("sandbox-proxy listening on %s for %s (pid %d)", config.server.listen,
-             ", ".join(sorted(config.server.domains)), os.getpid())
-    await stop.wait()
-
-    log.info("draining %d connections", len(ctx.connections))
-    ctx.draining = True
-    server.close()
-    for conn in list(ctx.connections):
-        conn.drain()
-    deadline = loop.time() + DRAIN_TIMEOUT
-    while ctx.connections and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    for conn in list(ctx.connections):
-        conn.transport.abort()
-    pools.close_idle()
-    sweeper.stop()
-    await registry.close()
-    if runner is not None:
-        await runner.cleanup()
-    log.info("stopped")
+async def start_metrics(config: ProxyConfig, snapshot, ready) -> web.AppRunner | None:
+    if config.metrics.listen is None:
+        return None
+    runner = web.AppRunner(metrics_app(snapshot, ready), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.metrics.listen.host, config.metrics.listen.port).start()
+    return runner
 
 
-def run_worker(config: ProxyConfig, registry: Registry, reuse_port: bool, metrics: bool) -> None:
+class Worker:
+    """One serving process."""
+
+    def __init__(self, config: ProxyConfig, registry: Registry, *, reuse_port: bool,
+                 snapshot_path: Path | None):
+        self.config = config
+        self.registry = registry
+        self.reuse_port = reuse_port
+        self.snapshot_path = snapshot_path  # None: serve metrics here instead
+        self.stop = asyncio.Event()
+        self.interrupted = False  # SIGINT: someone at a terminal, no load balancer to wait for
+        self.certificates = (CertificateStore(config.server.tls)
+                             if config.server.tls is not None else None)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        t = config.timeouts
+        sweeper = DeadlineSweeper(loop, min(t.client_header, t.upstream_header, t.client_idle,
+                                            t.upstream_idle))
+        stats = Stats(getattr(self.registry, "kind", "static"))
+        pools = UpstreamPools(config, loop, sweeper, stats)
+        self.registry.add_removal_listener(pools.close_sandboxes)
+        access_log = AccessLog(config.log.access, loop)
+        ctx = self.ctx = EdgeContext(loop=loop, config=config, registry=self.registry,
+                                     pools=pools, sweeper=sweeper, stats=stats,
+                                     access_log=access_log,
+                                     scheme=b"https" if self.certificates else b"http")
+        sock = listening_socket(config.server.listen, config.server.backlog, self.reuse_port)
+        listener = EdgeListener(ctx, sock, self.certificates.context if self.certificates else None,
+                                config.server.proxy_protocol)
+        await listener.start()
+        metrics = None
+        if self.snapshot_path is None:
+            metrics = await start_metrics(config, self.snapshot,
+                                          lambda: not ctx.draining and self.registry.ready())
+        await self.registry.start()
+        sweeper.start()
+        background = [loop.create_task(self._every(SNAPSHOT_SECONDS, self.write_snapshot))
+                      if self.snapshot_path else None]
+        if self.certificates and config.server.tls.reload_interval > 0:
+            background.append(loop.create_task(
+                self._every(config.server.tls.reload_interval, self.reload_certificates)))
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info("sandbox-proxy %s on %s for %s (pid %d)",
+                 "https" if self.certificates else "http", config.server.listen,
+                 ", ".join(sorted(config.server.domains)), os.getpid())
+        await self.stop.wait()
+        await self.drain(listener, self.config.server.drain_delay if not self.interrupted else 0.0)
+        for task in background:
+            if task is not None:
+                task.cancel()
+        pools.close_idle()
+        sweeper.stop()
+        await self.registry.close()
+        access_log.close()
+        if self.snapshot_path:
+            self.write_snapshot()
+        if metrics is not None:
+            await metrics.cleanup()
+        log.info("stopped")
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.stop.set()
+
+    async def drain(self, listener: EdgeListener, delay: float) -> None:
+        ctx = self.ctx
+        server = self.config.server
+        ctx.draining = True  # /readyz 503 now; responses say Connection: close
+        log.info("draining: still serving for %.1fs", delay)
+        await asyncio.sleep(delay)
+        listener.close()
+        for conn in list(ctx.connections):
+            conn.drain()
+        log.info("stopped accepting; waiting up to %.1fs for %d connections",
+                 server.drain_timeout, len(ctx.connections))
+        deadline = ctx.loop.time() + server.drain_timeout
+        while ctx.connections and ctx.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(ctx.connections):
+            conn.transport.close()
+        await asyncio.sleep(0)  # let connection_lost callbacks account for the last exchanges
+
+    def snapshot(self) -> dict:
+        gauges = self.ctx.gauges()
+        gauges["workers"] = 1
+        return self.ctx.stats.snapshot(gauges)
+
+    def write_snapshot(self) -> None:
+        path = self.snapshot_path
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot()))
+        os.replace(tmp, path)
+
+    async def _every(self, seconds: float, action) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                action()
+            except Exception:  # keep the loop alive: the next tick tries again
+                log.exception("periodic task failed")
+
+    def reload_certificates(self) -> None:
+        changed = self.certificates.reload_if_changed()
+        if changed is not None:
+            self.ctx.stats.reloaded("certificate", changed, time.time())
+
+    def reload(self) -> None:
+        """SIGHUP."""
+        stats = self.ctx.stats
+        source = self.config.source
+        try:
+            new = load_config(source) if source is not None else self.config
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the running config: %s", exc)
+            stats.reloaded("config", False, time.time())
+            return
+        for section, key in RESTART_KEYS:
+            if getattr(getattr(new, section), key) != getattr(getattr(self.config, section), key):
+                log.warning("config reload: [%s] %s changed; it takes effect after a restart",
+                            section, key)
+        applied = _keep_restart_keys(new, self.config)
+        self.config = applied
+        self.ctx.apply(applied)
+        self.ctx.pools.apply(applied)
+        set_log_level(applied)
+        stats.reloaded("config", True, time.time())
+        reload_registry = getattr(self.registry, "reload", None)
+        if reload_registry is not None:
+            reload_registry()
+        if self.certificates:
+            self.reload_certificates()
+        log.info("config reloaded from %s", source)
+
+
+def _keep_restart_keys(new: ProxyConfig, old: ProxyConfig) -> ProxyConfig:
+    from dataclasses import replace
+    server = replace(new.server, listen=old.server.listen, workers=old.server.workers,
+                     backlog=old.server.backlog, proxy_protocol=old.server.proxy_protocol,
+                     tls=old.server.tls)
+    return replace(new, server=server, registry=old.registry, metrics=old.metrics)
+
+
+def run_worker(config: ProxyConfig, registry: Registry, reuse_port: bool,
+               snapshot_path: Path | None) -> None:
     install_event_loop_policy()
-    asyncio.run(serve(config, registry, reuse_port=reuse_port, metrics=metrics))
+    worker = Worker(config, registry, reuse_port=reuse_port, snapshot_path=snapshot_path)
+    asyncio.run(worker.serve())
+
+
+class Supervisor:
+    """Forks the workers, serves the metrics listener over their snapshots, forwards signals."""
+
+    def __init__(self, config: ProxyConfig, registry: Registry):
+        self.config = config
+        self.registry = registry
+        self.stats_dir = Path(tempfile.mkdtemp(prefix="sandbox-proxy-stats-"))
+        self.children: dict[int, Path] = {}
+        self.draining = False
+
+    def fork_workers(self) -> None:
+        for index in range(self.config.server.workers):
+            path = self.stats_dir / f"worker-{index}.json"
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    run_worker(self.config, self.registry, True, path)
+                except BaseException:
+                    log.exception("worker crashed")
+                    code = 1
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            self.children[pid] = path
+
+    def snapshot(self) -> dict:
+        snapshots = []
+        for path in self.children.values():
+            try:
+                snapshots.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        merged = merge(snapshots)
+        if merged:
+            merged["gauges"]["draining"] = int(self.draining)
+        return merged
+
+    def ready(self) -> bool:
+        snap = self.snapshot()
+        return (not self.draining and bool(snap)
+                and snap["gauges"].get("registry_ready", 0) >= len(self.children))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        metrics = await start_metrics(self.config, self.snapshot, self.ready)
+
+        def forward(signum: int) -> None:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.draining = True
+            for pid in self.children:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, forward, signum)
+        status = 0
+        waiting = set(self.children)
+        while waiting:
+            for pid in list(waiting):
+                done, code = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    waiting.discard(pid)
+                    exit_code = os.waitstatus_to_exitcode(code)
+                    if exit_code != 0 and not self.draining:
+                        log.error("worker %d exited with %d", pid, exit_code)
+                    status = status or max(exit_code, 0)
+            await asyncio.sleep(0.1)
+        if metrics is not None:
+            await metrics.cleanup()
+        for path in self.stats_dir.iterdir():
+            path.unlink()
+        self.stats_dir.rmdir()
+        return status
 
 
 def run(config: ProxyConfig) -> int:
     """Run the proxy; returns the process exit status."""
+    set_log_level(config)
     registry = open_registry(config)  # validated before any fork: a bad file exits 2 once
-    workers = config.server.workers
-    if workers <= 1:
-        run_worker(config, registry, reuse_port=False, metrics=True)
+    if config.server.tls is not None:
+        CertificateStore(config.server.tls)  # likewise for the certificate
+    if config.server.workers <= 1:
+        run_worker(config, registry, reuse_port=False, snapshot_path=None)
         return 0
-    children: list[int] = []
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:  # worker: only the first serves the metrics listener
-            code = 0
-            try:
-                run_worker(config, registry, reuse_port=True, metrics=index == 0)
-            except BaseException:
-                log.exception("worker crashed")
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children.append(pid)
-
-    def forward(signum, _frame):
-        for child in children:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
-    sys.stdout.flush()
-    return 0 if status < 0 else status
+    supervisor = Supervisor(config, registry)
+    supervisor.fork_workers()
+    install_event_loop_policy()
+    return asyncio.run(supervisor.run())

@@ -14,12 +14,14 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.config import ProxyConfig
 from proxy.flow import PEER_FULL
+from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
 
 if TYPE_CHECKING:
@@ -63,7 +65,7 @@ class BackendPolicy:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "client", "tunnel_peer", "status_reason",
                  "headers", "trailers", "deadline", "reused", "responded", "closed",
-                 "reading_paused", "head_seen")
+                 "reading_paused", "head_seen", "tunnel_out")
 
     def __init__(self, pool: "UpstreamPool"):
         self.pool = pool
@@ -80,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.head_seen = False
+        self.tunnel_out = 0  # bytes relayed to the client after a 101
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel_peer is not None:
+            self.tunnel_out += len(data)
             self.tunnel_peer.write(data)
             return
         client = self.client
@@ -106,6 +110,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.client is not None:
                 self.client.upstream_lost(self)
             self.close()
+        finally:
+            client.flush_out()  # one write for everything this read produced
 
     def eof_received(self) -> bool | None:
         if self.tunnel_peer is not None and self.client is not None:
@@ -249,28 +255,35 @@ class UpstreamPool:
         """Open a new connection, retrying refused connects with a doubling backoff."""
         pools = self.pools
         loop = pools.loop
+        stats = pools.stats
         timed_out = False
         reason = "no attempt"
         for attempt in range(pools.connect_attempts):
             if attempt:
                 await asyncio.sleep(pools.connect_backoff * (2 ** (attempt - 1)))
+            started = monotonic()
             try:
                 async with asyncio.timeout(pools.connect_timeout):
                     ip = await self.resolve()
                     _, conn = await loop.create_connection(
                         lambda: UpstreamConnection(self), ip, self.port)
-                pools.connects += 1
+                stats.connect_duration.observe(monotonic() - started)
                 return conn  # type: ignore[return-value]
             except BackendRefused:
-                pools.connect_failures += 1
+                stats.connect_failed("not_allowed")
                 if not self.members:
                     pools.drop(self)
                 raise
             except TimeoutError:
-                timed_out, reason = True, f"connect timed out after {pools.connect_timeout}s"
+                kind, timed_out = "timeout", True
+                reason = f"connect timed out after {pools.connect_timeout}s"
+            except socket.gaierror as exc:
+                kind, timed_out, reason = "dns", False, f"cannot resolve {self.host}: {exc}"
+            except ConnectionRefusedError as exc:
+                kind, timed_out, reason = "refused", False, exc.strerror or str(exc)
             except OSError as exc:
-                timed_out, reason = False, exc.strerror or str(exc)
-            pools.connect_failures += 1
+                kind, timed_out, reason = "other", False, exc.strerror or str(exc)
+            stats.connect_failed(kind)
         if not self.members:
             pools.drop(self)
         raise ConnectFailed(reason, timed_out)
@@ -285,21 +298,24 @@ class UpstreamPools:
     """Every pool of this process, by (sandbox id, backend host, backend port)."""
 
     def __init__(self, config: ProxyConfig, loop: asyncio.AbstractEventLoop,
-                 sweeper: DeadlineSweeper):
+                 sweeper: DeadlineSweeper, stats: Stats):
         self.loop = loop
-        self.policy = BackendPolicy(config.upstream.allowed_networks,
-                                    (config.server.listen, config.metrics.listen))
+        self.stats = stats
+        self.apply(config)
         self.sweeper = sweeper
         self.by_key: dict[tuple[str, str, int], UpstreamPool] = {}
         self.by_sandbox: dict[str, set[UpstreamPool]] = {}
+        self.closing = False
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Adopt settings that may change while serving (SIGHUP reload)."""
+        self.policy = BackendPolicy(config.upstream.allowed_networks,
+                                    (config.server.listen, config.metrics.listen))
         self.connect_timeout = config.timeouts.connect
         self.connect_attempts = config.upstream.connect_attempts
         self.connect_backoff = config.upstream.connect_backoff
         self.idle_timeout = config.timeouts.upstream_idle
         self.max_idle = config.upstream.max_idle_per_backend
-        self.closing = False
-        self.connects = 0
-        self.connect_failures = 0
 
     def pool(self, sandbox_id: str, host: str, port: int) -> UpstreamPool:
         key = (sandbox_id, host, port)
@@ -337,5 +353,8 @@ class UpstreamPools:
                 conn.close()
             pool.idle.clear()
 
-    def open_connections(self) -> int:
-        return sum(len(p.members) for p in self.by_key.values())
+    def gauges(self) -> dict[str, int]:
+        pools = list(self.by_key.values())
+        return {"upstream_connections": sum(len(p.members) for p in pools),
+                "upstream_idle_connections": sum(len(p.idle) for p in pools),
+                "upstream_pools": len(pools)}

@@ -1,12 +1,22 @@
 """Sandbox registry: where the proxy learns which backend serves a sandbox id.
 
 `SandboxRecord` is what every registry kind yields; `open_registry` builds the kind named in the
-config. The edge depends only on the `Registry` protocol below:
+config:
 
-- `lookup(sandbox_id)` is on the hot path. It answers from memory when it can: the record, or
-  None for "no such sandbox" (502 not found). A kind that must ask a remote store returns an
-  awaitable instead, resolving to the record or None; the awaitable raises (any exception) when
-  the store cannot be reached, which the edge answers with 503 `registry unavailable`.
+- `static` (proxy/registry/static.py): a TOML/JSON file, re-read when it changes;
+- `dns` (proxy/registry/dns.py): `<id>.<zone>` A/AAAA (+TXT) records, cached for their TTL;
+- `redis` (proxy/registry/redis_store.py): JSON records in Redis, cached while keyspace
+  notifications are subscribed;
+- any of them wrapped by proxy/registry/resume.py when `resume_url` is set (auto-resume of paused
+  sandboxes). proxy/registry/remote.py holds what the remote kinds share.
+
+The edge depends only on the `Registry` protocol below:
+
+- `lookup(sandbox_id, port=0)` is on the hot path. It answers from memory when it can: the
+  record, or None for "no such sandbox" (502 not found). A kind that must ask a remote store
+  returns an awaitable instead, resolving to the record or None; the awaitable raises (any
+  exception) when the store cannot be reached, which the edge answers with 503 `registry
+  unavailable`. `port` is the requested sandbox port; only the resume webhook uses it.
 - removal listeners are called with the ids of sandboxes that were removed or re-pointed (host or
   ports changed); the proxy then closes every connection to them at once.
 - `ready()` feeds /readyz: False while the store is unreachable.
@@ -28,7 +38,8 @@ class Registry(Protocol):
     kind: str
     writable: bool
 
-    def lookup(self, sandbox_id: str) -> SandboxRecord | None | Awaitable[SandboxRecord | None]: ...
+    def lookup(self, sandbox_id: str, port: int = 0,
+               ) -> SandboxRecord | None | Awaitable[SandboxRecord | None]: ...
     def add_removal_listener(self, listener: RemovalListener) -> None: ...
     def ready(self) -> bool: ...
     async def start(self) -> None: ...
@@ -41,10 +52,27 @@ class Registry(Protocol):
 
 
 def open_registry(config: ProxyConfig) -> Registry:
-    """Build (and validate) the registry the config names; raises ConfigError when unusable."""
-    from proxy.registry.static import StaticRegistry
+    """Build (and validate) the registry the config names; raises ConfigError when unusable.
 
-    return StaticRegistry(config.registry.path, config.registry.reload_interval)
+    Nothing here touches the network or an event loop (the CLI forks workers after this):
+    remote kinds connect in `start()`.
+    """
+    settings = config.registry
+    registry: Registry
+    if settings.kind == "dns":
+        from proxy.registry.dns import DnsRegistry
+        registry = DnsRegistry(settings)
+    elif settings.kind == "redis":
+        from proxy.registry.redis_store import RedisRegistry
+        registry = RedisRegistry(settings)
+    else:
+        from proxy.registry.static import StaticRegistry
+        registry = StaticRegistry(settings.path, settings.reload_interval,
+                                  writable=config.server.workers <= 1)
+    if settings.resume_url is not None:
+        from proxy.registry.resume import AutoResumeRegistry
+        registry = AutoResumeRegistry(registry, settings.resume_url, settings.resume_timeout)
+    return registry
 
 
 __all__ = ["Registry", "RemovalListener", "SandboxRecord", "open_registry"]

@@ -3,6 +3,12 @@
 The file is checked every `reload_interval` seconds (stat only; it is parsed only when its size,
 mtime or inode changed). A file that became invalid is reported and ignored: the last good table
 keeps serving. Sandboxes removed or re-pointed by an edit are passed to the removal listeners.
+
+Admin writes (PUT/DELETE through proxy/admin.py) are an in-memory overlay on top of the file,
+lost at restart. The latest write wins: an admin write overrides the file's entry for that id
+until the file's entry for that id changes, which drops the overlay entry. With
+`server.workers > 1` each worker has its own memory, so the overlay is refused (`writable` False):
+use the redis kind for writes in a multi-process fleet.
 """
 
 from __future__ import annotations
@@ -58,17 +64,18 @@ def _file_signature(path: Path) -> tuple[int, int, int] | None:
 
 
 class StaticRegistry:
-    """Sandboxes from a file, looked up from an in-memory dict."""
+    """Sandboxes from a file (plus admin writes), looked up from an in-memory dict."""
 
     kind = "static"
-    writable = False  # admin writes come with the admin API (an in-memory overlay)
 
-    def __init__(self, path: Path, reload_interval: float):
+    def __init__(self, path: Path, reload_interval: float, writable: bool = True):
         self.path = path
         self.reload_interval = reload_interval
+        self.writable = writable
         self._signature = _file_signature(path)
-        self._records = load_registry_file(path)
-        self.lookup = self._records.get  # the hot path: one dict look-up
+        self._file_records = load_registry_file(path)
+        self._overlay: dict[str, SandboxRecord | None] = {}  # admin writes; None = deleted
+        self._records = dict(self._file_records)  # the file with the overlay applied
         self._listeners: list[RemovalListener] = []
         self._watcher: asyncio.Task[None] | None = None
         self.reloads_ok = 0
@@ -76,6 +83,10 @@ class StaticRegistry:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def lookup(self, sandbox_id: str, port: int = 0) -> SandboxRecord | None:
+        """The hot path: one dict look-up."""
+        return self._records.get(sandbox_id)
 
     def add_removal_listener(self, listener: RemovalListener) -> None:
         self._listeners.append(listener)
@@ -108,17 +119,64 @@ class StaticRegistry:
             self.reloads_failed += 1
             log.error("registry reload failed, keeping the previous table: %s", exc)
             return False
+        for sandbox_id in [s for s in self._overlay
+                           if records.get(s) != self._file_records.get(s)]:
+            del self._overlay[sandbox_id]  # the file changed this entry later: it wins
+        self._file_records = records
+        merged = dict(records)
+        for sandbox_id, record in self._overlay.items():
+            if record is None:
+                merged.pop(sandbox_id, None)
+            else:
+                merged[sandbox_id] = record
         gone = [sid for sid, old in self._records.items()
-                if (new := records.get(sid)) is None or not new.same_backend(old)]
-        self._records = records
-        self.lookup = records.get
+                if (new := merged.get(sid)) is None or not new.same_backend(old)]
+        self._records = merged
         self.reloads_ok += 1
         log.info("registry reloaded from %s: %d sandboxes, %d removed or re-pointed",
-                 self.path, len(records), len(gone))
-        if gone:
-            for listener in self._listeners:
-                listener(gone)
+                 self.path, len(merged), len(gone))
+        self._removed(gone)
         return True
+
+    def _removed(self, ids: list[str]) -> None:
+        if ids:
+            for listener in self._listeners:
+                listener(ids)
+
+    # -- admin API ---------------------------------------------------------------------------
+
+    async def get(self, sandbox_id: str) -> SandboxRecord | None:
+        return self._records.get(sandbox_id)
+
+    async def list(self, after: str | None, limit: int) -> tuple[list[SandboxRecord], str | None]:
+        ids = sorted(s for s in self._records if after is None or s > after)
+        page = ids[:limit]
+        return [self._records[s] for s in page], (page[-1] if len(ids) > limit else None)
+
+    async def put(self, record: SandboxRecord) -> None:
+        self._require_writable()
+        sandbox_id = record.sandbox_id
+        old = self._records.get(sandbox_id)
+        self._overlay[sandbox_id] = record
+        self._records[sandbox_id] = record
+        if old is not None and not old.same_backend(record):
+            self._removed([sandbox_id])
+
+    async def delete(self, sandbox_id: str) -> bool:
+        self._require_writable()
+        if sandbox_id in self._file_records:
+            self._overlay[sandbox_id] = None
+        else:
+            self._overlay.pop(sandbox_id, None)
+        existed = self._records.pop(sandbox_id, None) is not None
+        if existed:
+            self._removed([sandbox_id])
+        return existed
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise NotImplementedError("the static registry is read-only with server.workers > 1 "
+                                      "(each worker has its own memory); use kind = \"redis\"")
 
     async def _watch(self) -> None:
         while True:

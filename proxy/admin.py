@@ -1,0 +1,179 @@
+"""Admin API: create, read, list and delete sandbox records over HTTP, on a listener of its own.
+
+Served only when `[admin] listen` is set. Every route but `GET /openapi.json` needs
+`Authorization: Bearer <token>` (`[admin] token` or the SANDBOX_PROXY_ADMIN_TOKEN environment
+variable); without it the answer is 401. The routes and bodies are described in
+proxy/admin_openapi.json, served at `GET /openapi.json`:
+
+- `PUT /sandboxes/{id}`: body is the record JSON every kind validates (`record_from_mapping`);
+  a problem is a 400 naming the field. Answers the stored record.
+- `GET /sandboxes/{id}`: the record (a token only as its sha256), or 404.
+- `GET /sandboxes?limit=100&after=<id>`: a page in id order and `next` (the `after` of the next
+  page, null on the last).
+- `DELETE /sandboxes/{id}`: 204, or 404. Connections to the sandbox are closed at once.
+
+Writes go to the registry's own store (memory for static, Redis for redis); a read-only kind
+answers 405. A store that cannot be reached answers 503 `registry unavailable`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.config import ProxyConfig
+from proxy.registry import Registry
+from proxy.registry.record import RECORD_KEYS, SandboxRecord, record_from_mapping
+
+log = logging.getLogger("sandbox_proxy.admin")
+
+OPENAPI_PATH = Path(__file__).with_name("admin_openapi.json")
+MAX_BODY = 64 * 1024
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+REGISTRY_KEY = web.AppKey("registry", object)
+TOKEN_KEY = web.AppKey("token", bytes)
+
+
+def problem(status: int, message: str, field: str | None = None, **extra) -> web.Response:
+    body = {"error": message, **({"field": field} if field else {}), **extra}
+    return web.json_response(body, status=status)
+
+
+def record_view(record: SandboxRecord) -> dict:
+    return {"id": record.sandbox_id, **record.to_mapping()}
+
+
+@web.middleware
+async def require_token(request: web.Request, handler):
+    if request.path == "/openapi.json" and request.method in ("GET", "HEAD"):
+        return await handler(request)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), request.app[TOKEN_KEY]):
+        response = problem(401, "a valid bearer token is required")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="sandbox-proxy admin"'
+        return response
+    return await handler(request)
+
+
+@web.middleware
+async def store_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except NotImplementedError as exc:
+        response = problem(405, str(exc) or "not supported by this registry kind")
+        response.headers["Allow"] = "GET" if request.match_info.get("id") else ""
+        return response
+    except Exception as exc:
+        log.warning("admin %s %s: registry unavailable: %s", request.method, request.path, exc)
+        return problem(503, "registry unavailable")
+
+
+def _registry(request: web.Request) -> Registry:
+    return request.app[REGISTRY_KEY]
+
+
+def _sandbox_id(request: web.Request) -> str:
+    sandbox_id = request.match_info["id"]
+    try:
+        record_from_mapping(sandbox_id, {"host": "x"})
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc), "field": "id"}),
+                                 content_type="application/json") from None
+    return sandbox_id
+
+
+async def put_sandbox(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    sandbox_id = _sandbox_id(request)
+    if not registry.writable:
+        return _read_only(registry)
+    try:
+        body = await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:
+        return problem(413, f"the body must be at most {MAX_BODY} bytes", "body")
+    except ValueError as exc:
+        return problem(400, f"the body must be JSON: {exc}", "body")
+    try:
+        record = record_from_mapping(sandbox_id, body)
+    except ValueError as exc:
+        message = str(exc)
+        field = message.split(":", 1)[0]
+        return problem(400, message, field if field in RECORD_KEYS else "body")
+    await registry.put(record)
+    log.info("admin: put %s -> %s", sandbox_id, record.host)
+    return web.json_response(record_view(record))
+
+
+async def get_sandbox(request: web.Request) -> web.Response:
+    sandbox_id = _sandbox_id(request)
+    try:
+        record = await _registry(request).get(sandbox_id)
+    except ValueError as exc:  # the store holds something unusable under this id
+        return problem(500, str(exc), id=sandbox_id)
+    if record is None:
+        return problem(404, "sandbox not found", id=sandbox_id)
+    return web.json_response(record_view(record))
+
+
+async def delete_sandbox(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    sandbox_id = _sandbox_id(request)
+    if not registry.writable:
+        return _read_only(registry)
+    if not await registry.delete(sandbox_id):
+        return problem(404, "sandbox not found", id=sandbox_id)
+    log.info("admin: deleted %s", sandbox_id)
+    return web.Response(status=204)
+
+
+async def list_sandboxes(request: web.Request) -> web.Response:
+    text = request.query.get("limit", str(DEFAULT_PAGE))
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        return problem(400, f"limit must be an integer from 1 to {MAX_PAGE}", "limit")
+    after = request.query.get("after") or None
+    records, next_after = await _registry(request).list(after, int(text))
+    return web.json_response({"sandboxes": [record_view(r) for r in records],
+                              "next": next_after})
+
+
+async def openapi(_: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+
+def _read_only(registry: Registry) -> web.Response:
+    response = problem(405, f"the {registry.kind} registry is read-only")
+    response.headers["Allow"] = "GET"
+    return response
+
+
+def admin_app(registry: Registry, token: str) -> web.Application:
+    app = web.Application(middlewares=[require_token, store_errors], client_max_size=MAX_BODY)
+    app[REGISTRY_KEY] = registry
+    app[TOKEN_KEY] = token.encode()
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/sandboxes", list_sandboxes)
+    app.router.add_put("/sandboxes/{id}", put_sandbox)
+    app.router.add_get("/sandboxes/{id}", get_sandbox)
+    app.router.add_delete("/sandboxes/{id}", delete_sandbox)
+    return app
+
+
+async def start_admin(config: ProxyConfig, registry: Registry) -> web.AppRunner | None:
+    """Start the admin listener when `[admin] listen` is set; the caller cleans the runner up."""
+    admin = config.admin
+    if admin.listen is None or admin.token is None:
+        return None
+    runner = web.AppRunner(admin_app(registry, admin.token), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, admin.listen.host, admin.listen.port).start()
+    log.info("admin API on %s (%s registry%s)", admin.listen, registry.kind,
+             "" if registry.writable else ", read-only")
+    return runner

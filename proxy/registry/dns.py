@@ -1,0 +1,195 @@
+"""DNS registry: `<sandboxId>.<zone>` A/AAAA records name a sandbox's backend, so Consul, CoreDNS
+or Kubernetes DNS can be the registry.
+
+A look-up asks the configured nameservers for A, AAAA and TXT of the name at once (dnspython's
+asyncio resolver; no search list, no system resolver). The first A address is the backend (else
+the first AAAA). An optional TXT record on the same name carries per-sandbox settings as
+`key=value` strings, validated like every other record (proxy/registry/record.py):
+
+    mask=localhost:${PORT}      -> mask_request_host
+    token-sha256=<64 hex>       -> traffic_access_token_sha256
+    ports=3000:32768,8080:9000  -> ports (sandbox port : backend port)
+    state=paused                -> state ("running" or "paused")
+    auto-resume=true            -> auto_resume
+
+An unknown key makes the record invalid and the sandbox is answered as not found (fail closed:
+a misspelt `token-sha256` must not publish a sandbox without its token).
+
+Caching: a positive answer is kept for the smallest TTL of its record sets; NXDOMAIN (or a name
+without addresses) for the negative TTL of the SOA in the answer (min of the SOA's TTL and its
+minimum field, RFC 2308), capped by `[registry] negative_ttl`, and not at all without a SOA.
+When a positive entry expires a sweeper asks again while the old answer keeps serving; NXDOMAIN
+or another address then is a removal (open connections are closed). A failed refresh drops the
+entry: requests then ask DNS themselves and get 503 while it cannot answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from proxy.config import RegistryConfig
+from proxy.registry.record import SandboxRecord, record_from_mapping
+from proxy.registry.remote import InvalidRecord, RegistryUnreachable, RemoteRegistry
+
+log = logging.getLogger("sandbox_proxy.registry")
+
+SWEEP_EVERY = 0.5        # seconds between checks for expired entries
+REFRESHES_PER_SWEEP = 256
+TXT_KEYS = {"mask": "mask_request_host", "token-sha256": "traffic_access_token_sha256",
+            "ports": "ports", "state": "state", "auto-resume": "auto_resume"}
+
+
+class DnsRegistry(RemoteRegistry):
+    """Sandboxes as DNS names under one zone; read-only."""
+
+    kind = "dns"
+    writable = False
+
+    def __init__(self, config: RegistryConfig):
+        super().__init__(config.timeout)
+        self.zone = dns.name.from_text(config.zone)
+        self.nameservers = config.nameservers
+        self.negative_ttl = config.negative_ttl
+        self._caching = True  # TTLs bound staleness; nothing else to wait for
+        self._healthy = True
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    def ready(self) -> bool:
+        return self._healthy
+
+    async def start(self) -> None:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(a.host, a.port)
+                                for a in self.nameservers]
+        resolver.lifetime = self.timeout
+        resolver.timeout = min(self.timeout, 1.0)  # per server try; retried within lifetime
+        resolver.cache = None
+        self._resolver = resolver
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._sweeper, *self._inflight.values()) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sweeper = None
+
+    def _fetch_failed(self, sandbox_id: str) -> None:
+        super()._fetch_failed(sandbox_id)
+        if self._healthy:
+            log.warning("dns registry: nameservers %s not answering; 503 until they do",
+                        ", ".join(map(str, self.nameservers)))
+        self._healthy = False
+
+    def _fetch_succeeded(self) -> None:
+        self._healthy = True
+
+    # -- one look-up -------------------------------------------------------------------------
+
+    async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
+        if self._resolver is None:
+            raise RegistryUnreachable("dns registry not started yet")
+        qname = dns.name.Name((sandbox_id.encode("ascii"),)).concatenate(self.zone)
+        answers = await asyncio.gather(*(self._query(qname, t) for t in ("A", "AAAA", "TXT")),
+                                       return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, dns.resolver.NXDOMAIN):
+                raise RegistryUnreachable(f"dns registry: {type(answer).__name__}: {answer}")
+        if any(isinstance(a, dns.resolver.NXDOMAIN) for a in answers):
+            nx = next(a for a in answers if isinstance(a, dns.resolver.NXDOMAIN))
+            return None, self._negative_ttl(nx.responses().values())
+        a, aaaa, txt = answers
+        address = next((rdata.address for answer in (a, aaaa) if answer.rrset is not None
+                        for rdata in answer.rrset), None)
+        if address is None:
+            return None, self._negative_ttl([a.response, aaaa.response])
+        ttls = [answer.rrset.ttl for answer in (a, aaaa, txt) if answer.rrset is not None]
+        if txt.rrset is None and (negative := self._negative_ttl([txt.response])) > 0:
+            ttls.append(negative)  # a TXT added later is seen within its negative TTL
+        ttl = float(min(ttls))
+        settings = txt_settings(txt.rrset) if txt.rrset is not None else {}
+        try:
+            return record_from_mapping(sandbox_id, {"host": address, **settings}), ttl
+        except ValueError as exc:
+            raise InvalidRecord(str(exc), ttl) from None
+
+    async def _query(self, qname: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
+        return await self._resolver.resolve(qname, rdtype, search=False,
+                                            raise_on_no_answer=False)
+
+    def _negative_ttl(self, responses) -> float:
+        """RFC 2308: min(SOA TTL, SOA minimum) from the authority section, capped; 0 (do not
+        cache) when the answer carries no SOA."""
+        for response in responses:
+            for rrset in getattr(response, "authority", ()):
+                if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                    return float(min(rrset.ttl, rrset[0].minimum, self.negative_ttl))
+        return 0.0
+
+    # -- expiry ------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = loop.time()
+            for sandbox_id in [s for s, until in self._absent.items() if until <= now]:
+                del self._absent[sandbox_id]
+            due = [s for s, until in self._expires.items()
+                   if until <= now and s not in self._inflight][:REFRESHES_PER_SWEEP]
+            for sandbox_id in due:
+                self._fetch_shared(sandbox_id)  # the old record serves until this answers
+            if not self._healthy and not self._inflight:
+                await self._probe()
+
+    async def _probe(self) -> None:
+        """While unhealthy: any answer from the nameservers (even NXDOMAIN) makes us ready."""
+        try:
+            await self._resolver.resolve(self.zone, "SOA", search=False,
+                                         raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            pass
+        except (dns.exception.DNSException, OSError):
+            return
+        self._fetch_succeeded()
+
+
+def txt_settings(rrset) -> dict:
+    """The record keys carried by TXT strings `key=value`; ValueError-free (validation later)."""
+    settings: dict = {}
+    for rdata in rrset:
+        for raw in rdata.strings:
+            text = raw.decode("utf-8", "replace")
+            key, sep, value = text.partition("=")
+            if not sep or key.strip().lower() not in TXT_KEYS:
+                # an unknown key reaches record_from_mapping, which rejects it by name
+                settings[f"txt {text.strip()!r}"] = True
+                continue
+            name = TXT_KEYS[key.strip().lower()]
+            value = value.strip()
+            if name == "ports":
+                settings[name] = _port_map(value)
+            elif name == "auto_resume":
+                settings[name] = {"true": True, "false": False}.get(value.lower(), value)
+            else:
+                settings[name] = value
+    return settings
+
+
+def _port_map(value: str) -> dict | str:
+    ports: dict = {}
+    for pair in filter(None, (p.strip() for p in value.replace(" ", ",").split(","))):
+        sandbox_port, sep, backend_port = pair.partition(":")
+        if not sep or not backend_port.isdigit():
+            return value  # not a table: record_from_mapping names the key
+        ports[sandbox_port] = int(backend_port)
+    return ports

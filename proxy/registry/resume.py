@@ -1,0 +1,173 @@
+"""Auto-resume: a registry wrapper that wakes paused sandboxes through the control plane.
+
+`open_registry` wraps any kind in `AutoResumeRegistry` when `[registry] resume_url` is set. A
+look-up that finds a record with `state = "paused"` and `auto_resume = true` is answered with an
+awaitable instead of the record:
+
+1. the control plane's webhook is called once per sandbox: `POST resume_url` with
+   `{"sandboxId": "<id>", "port": <requested port or null>}`; every request for that sandbox that
+   arrives meanwhile shares the same call and the same wait;
+2. the record is read again (bypassing caches) every `POLL_EVERY` seconds until it says running,
+   for at most `[registry] resume_timeout` seconds counted from the first request;
+3. the running record is the answer, and the request proceeds.
+
+Outcomes:
+- webhook 2xx, record turns running in time: the record (the request is served);
+- webhook 404 or 410, or the record disappears or loses `auto_resume` meanwhile: None, the usual
+  502 "not found": the control plane says the sandbox is gone;
+- webhook unreachable, another status, or still paused at the deadline: an exception, which the
+  edge answers with 503. Not 502: SDKs read "not found" as "the sandbox is gone for good", while
+  a slow or failed resume is worth retrying and the sandbox is still there.
+
+Records that are paused without `auto_resume` pass through unchanged (the edge answers 502 not
+found, as users know it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+import aiohttp
+
+from proxy.registry import Registry, RemovalListener
+from proxy.registry.record import SandboxRecord
+from proxy.stats import Histogram
+
+log = logging.getLogger("sandbox_proxy.registry")
+
+POLL_EVERY = 0.1  # seconds between reads of the record while waiting for it to run
+RESUME_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ResumeFailed(Exception):
+    """The sandbox could not be resumed in time; answered 503 (retry), never 502 (gone)."""
+
+
+class AutoResumeRegistry:
+    """Wraps a registry: paused auto-resume sandboxes are resumed before they are answered."""
+
+    def __init__(self, inner: Registry, resume_url: str, resume_timeout: float):
+        self.inner = inner
+        self.kind = inner.kind
+        self.writable = inner.writable
+        self.resume_url = resume_url
+        self.resume_timeout = resume_timeout
+        self._resuming: dict[str, asyncio.Task] = {}
+        self._session: aiohttp.ClientSession | None = None
+        # Read by the metrics: resume attempts by outcome and how long they took.
+        self.resumes = {"resumed": 0, "not_found": 0, "timeout": 0, "error": 0}
+        self.resume_duration = Histogram(RESUME_BUCKETS)
+
+    def __getattr__(self, name: str):
+        # everything else (admin operations, counters, reload, invalidate) is the inner kind's
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def lookup(self, sandbox_id: str, port: int = 0):
+        found = self.inner.lookup(sandbox_id, port)
+        if found is None:
+            return None
+        if type(found) is SandboxRecord:
+            if found.paused and found.auto_resume:
+                return self._resume(sandbox_id, port)
+            return found
+        return self._after_lookup(found, sandbox_id, port)
+
+    async def _after_lookup(self, pending, sandbox_id: str, port: int) -> SandboxRecord | None:
+        record = await pending
+        if record is not None and record.paused and record.auto_resume:
+            return await self._resume(sandbox_id, port)
+        return record
+
+    def _resume(self, sandbox_id: str, port: int) -> asyncio.Future:
+        task = self._resuming.get(sandbox_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._run_resume(sandbox_id, port))
+            self._resuming[sandbox_id] = task
+            task.add_done_callback(lambda t: self._finished(sandbox_id, t))
+        return asyncio.shield(task)  # a client that leaves cancels its wait, not the resume
+
+    def _finished(self, sandbox_id: str, task: asyncio.Task) -> None:
+        if self._resuming.get(sandbox_id) is task:
+            del self._resuming[sandbox_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody may be waiting any more
+
+    async def _run_resume(self, sandbox_id: str, port: int) -> SandboxRecord | None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.resume_timeout
+        outcome = "error"
+        try:
+            status = await self._call_webhook(sandbox_id, port, deadline - started)
+            if status in (404, 410):
+                outcome = "not_found"
+                log.info("resume of %s: control plane answered %d, not found", sandbox_id, status)
+                return None
+            if not 200 <= status < 300:
+                raise ResumeFailed(f"resume webhook answered {status}")
+            while True:
+                record = await self._read_fresh(sandbox_id)
+                if record is None or (record.paused and not record.auto_resume):
+                    outcome = "not_found"
+                    return None
+                if not record.paused:
+                    outcome = "resumed"
+                    log.info("resumed %s in %.2fs", sandbox_id, loop.time() - started)
+                    return record
+                left = deadline - loop.time()
+                if left <= 0:
+                    outcome = "timeout"
+                    raise ResumeFailed(f"sandbox {sandbox_id} still paused after "
+                                       f"{self.resume_timeout:g}s")
+                await asyncio.sleep(min(POLL_EVERY, left))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ResumeFailed(f"resume webhook {self.resume_url}: {exc or type(exc).__name__}"
+                               ) from None
+        finally:
+            self.resumes[outcome] += 1
+            self.resume_duration.observe(loop.time() - started)
+            if outcome in ("error", "timeout"):
+                log.warning("resume of %s failed (%s)", sandbox_id, outcome)
+
+    async def _call_webhook(self, sandbox_id: str, port: int, timeout: float) -> int:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with self._session.post(
+                self.resume_url, json={"sandboxId": sandbox_id, "port": port or None},
+                timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as response:
+            await response.read()
+            return response.status
+
+    async def _read_fresh(self, sandbox_id: str) -> SandboxRecord | None:
+        invalidate = getattr(self.inner, "invalidate", None)
+        if invalidate is not None:
+            invalidate(sandbox_id)  # a cache (DNS TTL) must not hide the change
+        found = self.inner.lookup(sandbox_id, 0)
+        if inspect.isawaitable(found):
+            found = await found
+        return found
+
+    # -- the rest of the Registry protocol, passed through -----------------------------------
+
+    def add_removal_listener(self, listener: RemovalListener) -> None:
+        self.inner.add_removal_listener(listener)
+
+    def ready(self) -> bool:
+        return self.inner.ready()
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        for task in list(self._resuming.values()):
+            task.cancel()
+        await asyncio.gather(*self._resuming.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.inner.close()

@@ -1,0 +1,164 @@
+"""Stats: the proxy's measurements as plain numbers, cheap enough for the hot path.
+
+The request path only increments integers and drops durations into fixed buckets; nothing here
+takes a lock or formats text. `snapshot()` turns the numbers into a JSON-able dict and `merge()`
+adds snapshots of several worker processes together, so /metrics is correct with
+`server.workers > 1` (proxy/metrics.py renders the merged snapshot in Prometheus form).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable
+
+# Bucket upper bounds (seconds), Prometheus `le` semantics.
+RESPONSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+STREAM_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0)
+LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH",
+                                   b"OPTIONS", b"TRACE", b"CONNECT")}
+CODE_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> dict:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total}
+
+
+class Stats:
+    """Everything one process measured since it started."""
+
+    def __init__(self, registry_kind: str = "static") -> None:
+        # (status // 100, method as llhttp gave it, protocol); labels are made at snapshot time
+        self.responses: dict[tuple[int, bytes, str], int] = {}
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.connections_opened = 0
+        self.response_duration = Histogram(RESPONSE_BUCKETS)  # time to the response head
+        self.stream_duration = {"websocket": Histogram(STREAM_BUCKETS),
+                                "sse": Histogram(STREAM_BUCKETS),
+                                "tunnel": Histogram(STREAM_BUCKETS)}
+        self.connect_duration = Histogram(CONNECT_BUCKETS)
+        self.connect_failures: dict[str, int] = {}
+        self.retries = 0
+        self.reloads: dict[tuple[str, str], int] = {}  # (what, ok|error)
+        self.last_reload_success: dict[str, float] = {}
+        self.registry_kind = registry_kind
+        self.lookups_found = 0       # answered from memory (the hot path counts plain ints)
+        self.lookups_not_found = 0
+        self.lookups: dict[tuple[str, str], int] = {}  # (registry kind, outcome), remote ones
+        self.lookup_duration = Histogram(LOOKUP_BUCKETS)
+
+    def response(self, status: int, method: bytes, protocol: str) -> None:
+        key = (status // 100, method, protocol)
+        responses = self.responses
+        responses[key] = responses.get(key, 0) + 1
+
+    def lookup(self, outcome: str, seconds: float | None = None) -> None:
+        """A look-up that went to a remote store (the in-memory ones are counted inline)."""
+        key = (self.registry_kind, outcome)
+        self.lookups[key] = self.lookups.get(key, 0) + 1
+        if seconds is not None:
+            self.lookup_duration.observe(seconds)
+
+    def connect_failed(self, reason: str) -> None:
+        self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
+
+    def reloaded(self, what: str, ok: bool, when: float) -> None:
+        key = (what, "ok" if ok else "error")
+        self.reloads[key] = self.reloads.get(key, 0) + 1
+        if ok:
+            self.last_reload_success[what] = when
+
+    def snapshot(self, gauges: dict[str, float]) -> dict:
+        responses: dict[tuple[str, str, str], int] = {}
+        for (klass, method, protocol), n in self.responses.items():
+            key = (CODE_CLASSES[klass] if klass < 6 else "5xx", METHODS.get(method, "other"),
+                   protocol)
+            responses[key] = responses.get(key, 0) + n
+        lookups = dict(self.lookups)
+        for outcome, n in (("found", self.lookups_found), ("not_found", self.lookups_not_found)):
+            if n:
+                key = (self.registry_kind, outcome)
+                lookups[key] = lookups.get(key, 0) + n
+        return {
+            "responses": [[*k, v] for k, v in responses.items()],
+            "request_bytes": self.request_bytes,
+            "connections_opened": self.connections_opened,
+            "response_bytes": self.response_bytes,
+            "response_duration": self.response_duration.snapshot(),
+            "stream_duration": {k: h.snapshot() for k, h in self.stream_duration.items()},
+            "connect_duration": self.connect_duration.snapshot(),
+            "connect_failures": dict(self.connect_failures),
+            "retries": self.retries,
+            "reloads": [[*k, v] for k, v in self.reloads.items()],
+            "last_reload_success": dict(self.last_reload_success),
+            "lookups": [[*k, v] for k, v in lookups.items()],
+            "lookup_duration": self.lookup_duration.snapshot(),
+            "gauges": gauges,
+        }
+
+
+def _add_histogram(into: dict | None, h: dict) -> dict:
+    if into is None:
+        return {"bounds": h["bounds"], "counts": list(h["counts"]), "sum": h["sum"]}
+    into["counts"] = [a + b for a, b in zip(into["counts"], h["counts"])]
+    into["sum"] += h["sum"]
+    return into
+
+
+def merge(snapshots: Iterable[dict]) -> dict:
+    """Add several processes' snapshots (counters, histograms and gauges are all sums;
+    last_reload_success takes the latest)."""
+    merged: dict = {}
+    for snap in snapshots:
+        if not merged:
+            merged = {k: v for k, v in snap.items()}
+            merged["responses"] = {tuple(r[:-1]): r[-1] for r in snap["responses"]}
+            merged["reloads"] = {tuple(r[:-1]): r[-1] for r in snap["reloads"]}
+            merged["lookups"] = {tuple(r[:-1]): r[-1] for r in snap["lookups"]}
+            for key in ("response_duration", "connect_duration", "lookup_duration"):
+                merged[key] = _add_histogram(None, snap[key])
+            merged["stream_duration"] = {k: _add_histogram(None, h)
+                                         for k, h in snap["stream_duration"].items()}
+            merged["connect_failures"] = dict(snap["connect_failures"])
+            merged["gauges"] = dict(snap["gauges"])
+            merged["last_reload_success"] = dict(snap["last_reload_success"])
+            continue
+        for field in ("responses", "reloads", "lookups"):
+            for row in snap[field]:
+                key = tuple(row[:-1])
+                merged[field][key] = merged[field].get(key, 0) + row[-1]
+        for key in ("request_bytes", "response_bytes", "retries", "connections_opened"):
+            merged[key] += snap[key]
+        for key in ("response_duration", "connect_duration", "lookup_duration"):
+            _add_histogram(merged[key], snap[key])
+        for name, h in snap["stream_duration"].items():
+            merged["stream_duration"][name] = _add_histogram(
+                merged["stream_duration"].get(name), h)
+        for reason, n in snap["connect_failures"].items():
+            merged["connect_failures"][reason] = merged["connect_failures"].get(reason, 0) + n
+        for name, value in snap["gauges"].items():
+            merged["gauges"][name] = merged["gauges"].get(name, 0) + value
+        for what, when in snap["last_reload_success"].items():
+            merged["last_reload_success"][what] = max(
+                when, merged["last_reload_success"].get(what, 0.0))
+    if merged:
+        for field in ("responses", "reloads", "lookups"):
+            merged[field] = [[*k, v] for k, v in merged[field].items()]
+    return merged
