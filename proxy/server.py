@@ -171,7 +171,14 @@ class Worker:
     def snapshot(self) -> dict:
         gauges = self.ctx.gauges()
         gauges["workers"] = 1
-        return self.ctx.stats.snapshot(gauges)
+        snap = self.ctx.stats.snapshot(gauges)
+        registry = self.registry  # a file-backed registry counts its own reloads
+        if hasattr(registry, "reloads_ok"):
+            snap["reloads"] += [["registry", "ok", registry.reloads_ok],
+                                ["registry", "error", registry.reloads_failed]]
+            if getattr(registry, "last_reload_ok", None):
+                snap["last_reload_success"]["registry"] = registry.last_reload_ok
+        return snap
 
     def write_snapshot(self) -> None:
         path = self.snapshot_path
