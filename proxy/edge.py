@@ -32,6 +32,14 @@ LINGER_SECONDS = 2.0        # reading (and discarding) after our answer before a
 
 
 class ClientConnection(ResponseRelay, asyncio.Protocol):
+    __slots__ = (
+        "ctx", "proxied_ip", "loop", "transport", "gate", "parser", "client_ip", "trusted",
+        "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
+        "tunnel", "tunnel_peer", "tunnel_in", "out", "upgrade_rest", "in_head",
+        "head_bytes", "head_error", "writing_paused", "closing", "lingering", "closed",
+        "deadline",
+    )
+
     def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
         """`client_ip` overrides the socket's peer (the PROXY protocol header's source)."""
         self.ctx = ctx

@@ -135,12 +135,16 @@ def build_request_head(method: bytes, target: bytes, host: bytes, scanned: Reque
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     parts += scanned.lines
     parts.append(forwarding)
-    if scanned.trailers_accepted:
-        parts.append(b"TE: trailers\r\n")
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
+    # The client's TE is hop-by-hop; "trailers" is re-sent because the proxy relays trailers to
+    # the client (RFC 9110 10.1.4), with the TE connection option that must accompany it.
     if upgrade is not None:
-        parts.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+        parts.append(b"Connection: TE, Upgrade\r\nTE: trailers\r\nUpgrade: " + upgrade + b"\r\n"
+                     if scanned.trailers_accepted else
+                     b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+    elif scanned.trailers_accepted:
+        parts.append(b"Connection: TE\r\nTE: trailers\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 

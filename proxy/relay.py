@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 class ResponseRelay:
     """Mixed into ClientConnection (proxy/edge.py), whose attributes it uses."""
 
+    __slots__ = ()
+
     def response_head(self, up: "UpstreamConnection", status: int) -> None:
         ex: Exchange = self.active
         if status < 200 and status != 101:
