@@ -105,8 +105,9 @@ async def put_sandbox(request: web.Request) -> web.Response:
         record = record_from_mapping(sandbox_id, body)
     except ValueError as exc:
         message = str(exc)
-        field = message.split(":", 1)[0]
-        return problem(400, message, field if field in RECORD_KEYS else "body")
+        field, colon, rest = message.partition(":")
+        known = field in RECORD_KEYS or rest.strip() == "unknown key"
+        return problem(400, message, field if colon and known else "body")
     await registry.put(record)
     log.info("admin: put %s -> %s", sandbox_id, record.host)
     return web.json_response(record_view(record))

@@ -27,6 +27,28 @@ from proxy.upstream import BackendRefused, ConnectFailed, UpstreamConnection
 
 log = logging.getLogger("sandbox_proxy.edge")
 
+class RateLimitedWarning:
+    """At most one log line per `interval` for a repeated failure (a registry outage would
+    otherwise log once per request); the lines in between are counted, not lost."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" ({self.suppressed} more since the last report)"
+        self.suppressed = 0
+        self.next_at = now + self.interval
+        log.warning(message, *args)
+
+
+registry_warnings = RateLimitedWarning(5.0)
 PENDING_LIMIT = 256 * 1024  # request bytes buffered while the backend connection opens
 LINGER_SECONDS = 2.0        # reading (and discarding) after our answer before a hard close
 
@@ -276,7 +298,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("registry look-up of %s failed: %s", ex.sandbox_id, exc)
+            registry_warnings.warn("registry look-up of %s failed: %s", ex.sandbox_id, exc)
             record = errors.RegistryUnavailable(ex.sandbox_id)
         self.connecting = None
         ex.lookup = None

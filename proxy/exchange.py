@@ -177,7 +177,7 @@ def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: b
                 host_cache.clear()
             host_cache[host] = address
     ex.port, ex.sandbox_id = address
-    found = ctx.registry.lookup(ex.sandbox_id)
+    found = ctx.registry.lookup(ex.sandbox_id, ex.port)
     if found is None:
         ctx.stats.lookups_not_found += 1
         raise errors.SandboxNotFound(ex.sandbox_id)

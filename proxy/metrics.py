@@ -101,6 +101,15 @@ class SnapshotCollector:
         yield _histogram(P + "registry_lookup_duration_seconds",
                          "Duration of registry look-ups that went to a remote store",
                          s["lookup_duration"])
+        resumes = CounterMetricFamily(P + "resumes", "Auto-resume calls by outcome",
+                                      labels=["outcome"])
+        for outcome, n in sorted(s.get("resumes", {}).items()):
+            resumes.add_metric([outcome], n)
+        yield resumes
+        if "resume_duration" in s:
+            yield _histogram(P + "resume_duration_seconds",
+                             "Time from a resume call to the sandbox running",
+                             s["resume_duration"])
         reloads = CounterMetricFamily(P + "reloads", "Config, registry and certificate reloads",
                                       labels=["what", "result"])
         for what, result, n in s["reloads"]:

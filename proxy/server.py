@@ -27,6 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
+from proxy.admin import start_admin
 from proxy.config import ConfigError, ListenAddress, ProxyConfig, load_config
 from proxy.context import EdgeContext
 from proxy.listener import EdgeListener
@@ -86,10 +87,11 @@ class Worker:
     """One serving process."""
 
     def __init__(self, config: ProxyConfig, registry: Registry, *, reuse_port: bool,
-                 snapshot_path: Path | None):
+                 snapshot_path: Path | None, serves_admin: bool = True):
         self.config = config
         self.registry = registry
         self.reuse_port = reuse_port
+        self.serves_admin = serves_admin
         self.snapshot_path = snapshot_path  # None: serve metrics here instead
         self.stop = asyncio.Event()
         self.interrupted = False  # SIGINT: someone at a terminal, no load balancer to wait for
@@ -119,6 +121,7 @@ class Worker:
             metrics = await start_metrics(config, self.snapshot,
                                           lambda: not ctx.draining and self.registry.ready())
         await self.registry.start()
+        admin = await start_admin(config, self.registry) if self.serves_admin else None
         sweeper.start()
         background = [loop.create_task(self._every(SNAPSHOT_SECONDS, self.write_snapshot))
                       if self.snapshot_path else None]
@@ -142,8 +145,9 @@ class Worker:
         access_log.close()
         if self.snapshot_path:
             self.write_snapshot()
-        if metrics is not None:
-            await metrics.cleanup()
+        for runner in (metrics, admin):
+            if runner is not None:
+                await runner.cleanup()
         log.info("stopped")
 
     def interrupt(self) -> None:
@@ -178,6 +182,20 @@ class Worker:
                                 ["registry", "error", registry.reloads_failed]]
             if getattr(registry, "last_reload_ok", None):
                 snap["last_reload_success"]["registry"] = registry.last_reload_ok
+        # A remote registry counts the look-ups that went to its store (cache misses); the edge
+        # counted those answered from memory. Each look-up is counted once.
+        outcomes = getattr(registry, "lookup_outcomes", None)
+        if outcomes:
+            counted = {(k, o): n for k, o, n in snap["lookups"]}
+            for outcome, n in outcomes.items():
+                key = (registry.kind, outcome)
+                counted[key] = counted.get(key, 0) + n
+            snap["lookups"] = [[*k, n] for k, n in counted.items()]
+            snap["lookup_duration"] = registry.lookup_duration.snapshot()
+        resumes = getattr(registry, "resumes", None)
+        if resumes is not None:
+            snap["resumes"] = dict(resumes)
+            snap["resume_duration"] = registry.resume_duration.snapshot()
         return snap
 
     def write_snapshot(self) -> None:
@@ -236,9 +254,10 @@ def _keep_restart_keys(new: ProxyConfig, old: ProxyConfig) -> ProxyConfig:
 
 
 def run_worker(config: ProxyConfig, registry: Registry, reuse_port: bool,
-               snapshot_path: Path | None) -> None:
+               snapshot_path: Path | None, serves_admin: bool = True) -> None:
     install_event_loop_policy()
-    worker = Worker(config, registry, reuse_port=reuse_port, snapshot_path=snapshot_path)
+    worker = Worker(config, registry, reuse_port=reuse_port, snapshot_path=snapshot_path,
+                    serves_admin=serves_admin)
     asyncio.run(worker.serve())
 
 
@@ -258,8 +277,8 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:
                 code = 0
-                try:
-                    run_worker(self.config, self.registry, True, path)
+                try:  # the first worker serves the admin API
+                    run_worker(self.config, self.registry, True, path, serves_admin=index == 0)
                 except BaseException:
                     log.exception("worker crashed")
                     code = 1
@@ -324,6 +343,11 @@ def run(config: ProxyConfig) -> int:
     """Run the proxy; returns the process exit status."""
     set_log_level(config)
     registry = open_registry(config)  # validated before any fork: a bad file exits 2 once
+    if (config.admin.listen is not None and config.server.workers > 1
+            and getattr(registry, "kind", "") == "static"):
+        raise ConfigError(f"{config.source}: [admin] listen: the static registry keeps admin "
+                          "writes in one process's memory; with [server] workers > 1 use a "
+                          "shared registry (redis) or workers = 1")
     if config.server.tls is not None:
         CertificateStore(config.server.tls)  # likewise for the certificate
     if config.server.workers <= 1:

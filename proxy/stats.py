@@ -114,6 +114,14 @@ class Stats:
         }
 
 
+ROW_COUNTERS = ("responses", "reloads", "lookups")          # [[*labels, n], ...]
+NUMBERS = ("request_bytes", "response_bytes", "retries", "connections_opened")
+HISTOGRAMS = ("response_duration", "connect_duration", "lookup_duration", "resume_duration")
+KEYED_HISTOGRAMS = ("stream_duration",)                      # {label: histogram}
+KEYED_COUNTS = ("connect_failures", "resumes", "gauges")     # {label: n}, summed
+KEYED_LATEST = ("last_reload_success",)                      # {label: unix time}, the latest
+
+
 def _add_histogram(into: dict | None, h: dict) -> dict:
     if into is None:
         return {"bounds": h["bounds"], "counts": list(h["counts"]), "sum": h["sum"]}
@@ -123,42 +131,33 @@ def _add_histogram(into: dict | None, h: dict) -> dict:
 
 
 def merge(snapshots: Iterable[dict]) -> dict:
-    """Add several processes' snapshots (counters, histograms and gauges are all sums;
-    last_reload_success takes the latest)."""
+    """Add several processes' snapshots: counters, histograms and gauges are sums (open
+    connections of all workers, say); reload times take the latest. {} when there are none."""
+    rows: dict[str, dict[tuple, float]] = {f: {} for f in ROW_COUNTERS}
     merged: dict = {}
     for snap in snapshots:
         if not merged:
-            merged = {k: v for k, v in snap.items()}
-            merged["responses"] = {tuple(r[:-1]): r[-1] for r in snap["responses"]}
-            merged["reloads"] = {tuple(r[:-1]): r[-1] for r in snap["reloads"]}
-            merged["lookups"] = {tuple(r[:-1]): r[-1] for r in snap["lookups"]}
-            for key in ("response_duration", "connect_duration", "lookup_duration"):
-                merged[key] = _add_histogram(None, snap[key])
-            merged["stream_duration"] = {k: _add_histogram(None, h)
-                                         for k, h in snap["stream_duration"].items()}
-            merged["connect_failures"] = dict(snap["connect_failures"])
-            merged["gauges"] = dict(snap["gauges"])
-            merged["last_reload_success"] = dict(snap["last_reload_success"])
-            continue
-        for field in ("responses", "reloads", "lookups"):
-            for row in snap[field]:
+            merged = {f: 0 for f in NUMBERS}
+            merged.update({f: {} for f in KEYED_HISTOGRAMS + KEYED_COUNTS + KEYED_LATEST})
+        for field in ROW_COUNTERS:
+            for row in snap.get(field, ()):
                 key = tuple(row[:-1])
-                merged[field][key] = merged[field].get(key, 0) + row[-1]
-        for key in ("request_bytes", "response_bytes", "retries", "connections_opened"):
-            merged[key] += snap[key]
-        for key in ("response_duration", "connect_duration", "lookup_duration"):
-            _add_histogram(merged[key], snap[key])
-        for name, h in snap["stream_duration"].items():
-            merged["stream_duration"][name] = _add_histogram(
-                merged["stream_duration"].get(name), h)
-        for reason, n in snap["connect_failures"].items():
-            merged["connect_failures"][reason] = merged["connect_failures"].get(reason, 0) + n
-        for name, value in snap["gauges"].items():
-            merged["gauges"][name] = merged["gauges"].get(name, 0) + value
-        for what, when in snap["last_reload_success"].items():
-            merged["last_reload_success"][what] = max(
-                when, merged["last_reload_success"].get(what, 0.0))
+                rows[field][key] = rows[field].get(key, 0) + row[-1]
+        for field in NUMBERS:
+            merged[field] += snap.get(field, 0)
+        for field in HISTOGRAMS:
+            if field in snap:
+                merged[field] = _add_histogram(merged.get(field), snap[field])
+        for field in KEYED_HISTOGRAMS:
+            for name, h in snap.get(field, {}).items():
+                merged[field][name] = _add_histogram(merged[field].get(name), h)
+        for field in KEYED_COUNTS:
+            for name, n in snap.get(field, {}).items():
+                merged[field][name] = merged[field].get(name, 0) + n
+        for field in KEYED_LATEST:
+            for name, when in snap.get(field, {}).items():
+                merged[field][name] = max(when, merged[field].get(name, 0.0))
     if merged:
-        for field in ("responses", "reloads", "lookups"):
-            merged[field] = [[*k, v] for k, v in merged[field].items()]
+        for field in ROW_COUNTERS:
+            merged[field] = [[*k, v] for k, v in rows[field].items()]
     return merged

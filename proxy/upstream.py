@@ -310,7 +310,8 @@ class UpstreamPools:
     def apply(self, config: ProxyConfig) -> None:
         """Adopt settings that may change while serving (SIGHUP reload)."""
         self.policy = BackendPolicy(config.upstream.allowed_networks,
-                                    (config.server.listen, config.metrics.listen))
+                                    (config.server.listen, config.metrics.listen,
+                                     config.admin.listen))
         self.connect_timeout = config.timeouts.connect
         self.connect_attempts = config.upstream.connect_attempts
         self.connect_backoff = config.upstream.connect_backoff

@@ -63,8 +63,12 @@ def open_registry(config: ProxyConfig) -> Registry:
         from proxy.registry.dns import DnsRegistry
         registry = DnsRegistry(settings)
     elif settings.kind == "redis":
+        from proxy.config import ConfigError
         from proxy.registry.redis_store import RedisRegistry
-        registry = RedisRegistry(settings)
+        try:
+            registry = RedisRegistry(settings)
+        except ConfigError as exc:  # a URL redis-py refuses: name the config file too
+            raise ConfigError(f"{config.source or '<defaults>'}: {exc}") from None
     else:
         from proxy.registry.static import StaticRegistry
         registry = StaticRegistry(settings.path, settings.reload_interval,

@@ -98,6 +98,8 @@ class DnsRegistry(RemoteRegistry):
     async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
         if self._resolver is None:
             raise RegistryUnreachable("dns registry not started yet")
+        if len(sandbox_id) > 63:
+            return None, 0.0  # cannot be a DNS label, so no such name
         qname = dns.name.Name((sandbox_id.encode("ascii"),)).concatenate(self.zone)
         answers = await asyncio.gather(*(self._query(qname, t) for t in ("A", "AAAA", "TXT")),
                                        return_exceptions=True)

@@ -4,9 +4,11 @@ paused state) and the validation every registry kind applies to them."""
 from __future__ import annotations
 
 import hashlib
+from types import MappingProxyType
 from typing import Any, Mapping
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_NO_PORTS: Mapping[int, int] = MappingProxyType({})  # shared: a million records, one empty map
 
 
 class SandboxRecord:
@@ -20,12 +22,12 @@ class SandboxRecord:
                  paused: bool = False, auto_resume: bool = False):
         self.sandbox_id = sandbox_id
         self.host = host
-        self.ports = dict(ports or {})
+        self.ports = dict(ports) if ports else _NO_PORTS
         self.mask_request_host = mask_request_host
         self.token_sha256 = token_sha256  # SHA-256 digest of the traffic access token, if any
         self.paused = paused
         self.auto_resume = auto_resume
-        self._masks: dict[int, bytes] = {}
+        self._masks: dict[int, bytes] | None = None  # made on first use
 
     def backend_port(self, port: int) -> int:
         """The backend port behind sandbox port `port` (the same unless the record maps it)."""
@@ -36,9 +38,12 @@ class SandboxRecord:
         mask = self.mask_request_host
         if mask is None:
             return None
-        value = self._masks.get(port)
+        masks = self._masks
+        if masks is None:
+            masks = self._masks = {}
+        value = masks.get(port)
         if value is None:
-            value = self._masks[port] = mask.replace("${PORT}", str(port)).encode("latin-1")
+            value = masks[port] = mask.replace("${PORT}", str(port)).encode("latin-1")
         return value
 
     def same_backend(self, other: "SandboxRecord") -> bool:

@@ -265,9 +265,9 @@ class RedisRegistry(RemoteRegistry):
     async def list(self, after: str | None, limit: int) -> tuple[list[SandboxRecord], str | None]:
         """Records in id order after `after`; each page scans the keys (admin use only)."""
         async with asyncio.timeout(self.timeout * 5):
-            ids = sorted(key[len(self.prefix):] async for key in self._client.scan_iter(
+            ids = sorted({key[len(self.prefix):] async for key in self._client.scan_iter(
                 match=self.prefix + "*", count=LIST_SCAN_COUNT)
-                if key[len(self.prefix):] > (after or ""))
+                if key[len(self.prefix):] > (after or "")})  # a set: SCAN may repeat keys
             page = ids[:limit]
             values = await self._mget([self._key(i) for i in page]) if page else []
         records = []

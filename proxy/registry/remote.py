@@ -19,9 +19,9 @@ Subclasses implement `_fetch` (ask the store) and decide when caching is trustwo
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 import logging
 import math
-from typing import Iterable
 
 from proxy.registry import RemovalListener
 from proxy.registry.record import SandboxRecord
@@ -99,7 +99,7 @@ class RemoteRegistry:
 
     async def _fetch_and_remember(self, sandbox_id: str) -> SandboxRecord | None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = monotonic()
         outcome = "error"
         try:
             try:
@@ -113,7 +113,9 @@ class RemoteRegistry:
                 self._fetch_failed(sandbox_id)
                 raise RegistryUnreachable(
                     f"{self.kind} registry did not answer within {self.timeout:g}s") from None
-            except (asyncio.CancelledError, RegistryUnreachable):
+            except asyncio.CancelledError:
+                raise  # the registry is closing
+            except RegistryUnreachable:
                 self._fetch_failed(sandbox_id)
                 raise
             except Exception as exc:
@@ -123,7 +125,7 @@ class RemoteRegistry:
                 outcome = "found" if record is not None else "not_found"
         finally:
             self.lookup_outcomes[outcome] += 1
-            self.lookup_duration.observe(loop.time() - started)
+            self.lookup_duration.observe(monotonic() - started)
             if self._inflight.get(sandbox_id) is asyncio.current_task():
                 del self._inflight[sandbox_id]
         stale = sandbox_id in self._stale_inflight
@@ -266,7 +268,3 @@ def _consume_exception(task: asyncio.Task) -> None:
     'exception was never retrieved'."""
     if not task.cancelled():
         task.exception()
-
-
-def removal_ids(ids: Iterable[str]) -> list[str]:
-    return sorted(set(ids))

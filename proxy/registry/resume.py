@@ -26,6 +26,7 @@ found, as users know it).
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 import inspect
 import logging
 
@@ -100,6 +101,7 @@ class AutoResumeRegistry:
     async def _run_resume(self, sandbox_id: str, port: int) -> SandboxRecord | None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        resume_started = monotonic()
         deadline = started + self.resume_timeout
         outcome = "error"
         try:
@@ -130,7 +132,7 @@ class AutoResumeRegistry:
                                ) from None
         finally:
             self.resumes[outcome] += 1
-            self.resume_duration.observe(loop.time() - started)
+            self.resume_duration.observe(monotonic() - resume_started)
             if outcome in ("error", "timeout"):
                 log.warning("resume of %s failed (%s)", sandbox_id, outcome)
 

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,14 @@ class StaticRegistry:
         self._signature = _file_signature(path)
         self._file_records = load_registry_file(path)
         self._overlay: dict[str, SandboxRecord | None] = {}  # admin writes; None = deleted
-        self._records = dict(self._file_records)  # the file with the overlay applied
+        # The file with the overlay applied; the same dict as the file's while there is no
+        # overlay (a million sandboxes are not held twice).
+        self._records = self._file_records
         self._listeners: list[RemovalListener] = []
         self._watcher: asyncio.Task[None] | None = None
         self.reloads_ok = 0
         self.reloads_failed = 0
+        self.last_reload_ok: float | None = None  # unix time
 
     def __len__(self) -> int:
         return len(self._records)
@@ -109,21 +113,29 @@ class StaticRegistry:
 
     def reload(self) -> bool:
         """Re-read the file if it changed; True when a new table was applied."""
+        records = self._read_if_changed()
+        return records is not None and self._apply(records)
+
+    def _read_if_changed(self) -> dict[str, SandboxRecord] | None:
+        """The file's records if it changed since the last read (None: unchanged or invalid).
+        Runs in a thread for the watcher: parsing a big file must not stall the event loop."""
         signature = _file_signature(self.path)
         if signature == self._signature:
-            return False
+            return None
         self._signature = signature
         try:
-            records = load_registry_file(self.path)
+            return load_registry_file(self.path)
         except ConfigError as exc:
             self.reloads_failed += 1
             log.error("registry reload failed, keeping the previous table: %s", exc)
-            return False
+            return None
+
+    def _apply(self, records: dict[str, SandboxRecord]) -> bool:
         for sandbox_id in [s for s in self._overlay
                            if records.get(s) != self._file_records.get(s)]:
             del self._overlay[sandbox_id]  # the file changed this entry later: it wins
         self._file_records = records
-        merged = dict(records)
+        merged = dict(records) if self._overlay else records
         for sandbox_id, record in self._overlay.items():
             if record is None:
                 merged.pop(sandbox_id, None)
@@ -133,6 +145,7 @@ class StaticRegistry:
                 if (new := merged.get(sid)) is None or not new.same_backend(old)]
         self._records = merged
         self.reloads_ok += 1
+        self.last_reload_ok = time.time()
         log.info("registry reloaded from %s: %d sandboxes, %d removed or re-pointed",
                  self.path, len(merged), len(gone))
         self._removed(gone)
@@ -153,8 +166,15 @@ class StaticRegistry:
         page = ids[:limit]
         return [self._records[s] for s in page], (page[-1] if len(ids) > limit else None)
 
+    def _own_records(self) -> dict[str, SandboxRecord]:
+        """Copy-on-write: the first admin write separates the table from the file's."""
+        if self._records is self._file_records:
+            self._records = dict(self._file_records)
+        return self._records
+
     async def put(self, record: SandboxRecord) -> None:
         self._require_writable()
+        self._own_records()
         sandbox_id = record.sandbox_id
         old = self._records.get(sandbox_id)
         self._overlay[sandbox_id] = record
@@ -164,6 +184,7 @@ class StaticRegistry:
 
     async def delete(self, sandbox_id: str) -> bool:
         self._require_writable()
+        self._own_records()
         if sandbox_id in self._file_records:
             self._overlay[sandbox_id] = None
         else:
@@ -182,6 +203,8 @@ class StaticRegistry:
         while True:
             await asyncio.sleep(self.reload_interval)
             try:
-                self.reload()
+                records = await asyncio.to_thread(self._read_if_changed)
+                if records is not None:
+                    self._apply(records)
             except Exception:  # never let the watcher die: the next tick tries again
                 log.exception("registry reload crashed")
