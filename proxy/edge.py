@@ -21,6 +21,7 @@ from proxy.context import EdgeContext
 from proxy.exchange import Exchange, admit, route_request
 from proxy.flow import WAITING_TURN, WAITING_UPSTREAM, ReadGate
 from proxy.headers import trailer_lines
+from proxy.registry.resume import ResumeFailed
 from proxy.relay import ResponseRelay
 from proxy.tunnel import Tunnel
 from proxy.upstream import BackendRefused, ConnectFailed, UpstreamConnection
@@ -297,6 +298,9 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             record = await ex.lookup
         except asyncio.CancelledError:
             raise
+        except ResumeFailed as exc:
+            log.warning("%s", exc)
+            record = errors.ResumeFailed(ex.sandbox_id)
         except Exception as exc:
             registry_warnings.warn("registry look-up of %s failed: %s", ex.sandbox_id, exc)
             record = errors.RegistryUnavailable(ex.sandbox_id)
@@ -390,7 +394,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.out.append(errors.render_error(
             error, html_page=ex.wants_html(), head_only=ex.method == b"HEAD", close=close))
         self.flush_out()
-        self.record_response(ex, error.status, "http")
+        self.record_response(ex, error.status, "http", "proxy")
         ex.outcome = type(error).__name__
         ex.response_started = True
         if close:
@@ -400,11 +404,12 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         else:
             self.response_done(ex)
 
-    def record_response(self, ex: Exchange, status: int, protocol: str) -> None:
+    def record_response(self, ex: Exchange, status: int, protocol: str,
+                        origin: str = "backend") -> None:
         ex.status = status
         ex.protocol = protocol
         stats = self.ctx.stats
-        stats.response(status, ex.method, protocol)
+        stats.response(status, ex.method, protocol, origin)
         if ex.started:
             stats.response_duration.observe(monotonic() - ex.started)
 

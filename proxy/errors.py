@@ -87,6 +87,14 @@ class RegistryUnavailable(ProxyError):
         super().__init__("registry unavailable", sandbox_id)
 
 
+class ResumeFailed(ProxyError):
+    """A paused sandbox did not come back in time; 503 (worth retrying), never 502 (gone)."""
+    status = 503
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("The sandbox could not be resumed in time", sandbox_id)
+
+
 class AccessDenied(ProxyError):
     status = 403
 

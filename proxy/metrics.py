@@ -29,9 +29,10 @@ GAUGES = {  # snapshot gauge name -> (metric name, help)
     "upstream_idle_connections": ("upstream_idle_connections",
                                   "Idle keep-alive backend connections in the pools"),
     "upstream_pools": ("upstream_pools", "Backend pools (one per sandbox address and port)"),
-    "sandboxes": ("registry_sandboxes", "Sandboxes known to the registry (static kinds)"),
+    "sandboxes": ("registry_sandboxes", "Sandboxes known to the registry (in memory)"),
     "draining": ("draining", "1 while the process drains after SIGTERM"),
-    "registry_ready": ("registry_ready", "1 when the registry is reachable"),
+    "registry_ready": ("registry_ready", "Workers whose registry is reachable (equals "
+                       "sandbox_proxy_workers when all are; 1 for a single process)"),
     "workers": ("workers", "Worker processes serving the edge"),
 }
 
@@ -61,10 +62,11 @@ class SnapshotCollector:
         if not s:
             return
         requests = CounterMetricFamily(P + "requests", "Responses sent, by status class, "
-                                       "method and protocol (http, websocket, sse)",
-                                       labels=["code_class", "method", "protocol"])
-        for code_class, method, protocol, n in s["responses"]:
-            requests.add_metric([code_class, method, protocol], n)
+                                       "method, protocol (http, websocket, sse, tunnel) and "
+                                       "origin (backend: relayed; proxy: the proxy's own answer)",
+                                       labels=["code_class", "method", "protocol", "origin"])
+        for code_class, method, protocol, origin, n in s["responses"]:
+            requests.add_metric([code_class, method, protocol, origin], n)
         yield requests
         yield _histogram(P + "request_duration_seconds",
                          "Time from a complete request head to the response head",

@@ -41,10 +41,11 @@ from proxy.upstream import UpstreamPools
 log = logging.getLogger("sandbox_proxy")
 
 SNAPSHOT_SECONDS = 1.0
-# Keys whose change needs a restart (sockets, processes, the registry's identity).
+# What SIGHUP cannot change (sockets, processes, the registry and admin listener, the log
+# writer): a change to any of these is reported and takes effect after a restart.
 RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
-                ("server", "proxy_protocol"), ("server", "tls"), ("registry", "kind"),
-                ("registry", "path"), ("metrics", "listen"))
+                ("server", "proxy_protocol"), ("server", "tls"), ("registry", None),
+                ("metrics", None), ("admin", None), ("log", "access"))
 
 
 def install_event_loop_policy() -> None:
@@ -228,9 +229,12 @@ class Worker:
             stats.reloaded("config", False, time.time())
             return
         for section, key in RESTART_KEYS:
-            if getattr(getattr(new, section), key) != getattr(getattr(self.config, section), key):
-                log.warning("config reload: [%s] %s changed; it takes effect after a restart",
-                            section, key)
+            before, after = getattr(self.config, section), getattr(new, section)
+            if key is not None:
+                before, after = getattr(before, key), getattr(after, key)
+            if before != after:
+                log.warning("config reload: [%s]%s changed; it takes effect after a restart",
+                            section, f" {key}" if key else "")
         applied = _keep_restart_keys(new, self.config)
         self.config = applied
         self.ctx.apply(applied)
@@ -250,7 +254,8 @@ def _keep_restart_keys(new: ProxyConfig, old: ProxyConfig) -> ProxyConfig:
     server = replace(new.server, listen=old.server.listen, workers=old.server.workers,
                      backlog=old.server.backlog, proxy_protocol=old.server.proxy_protocol,
                      tls=old.server.tls)
-    return replace(new, server=server, registry=old.registry, metrics=old.metrics)
+    return replace(new, server=server, registry=old.registry, metrics=old.metrics,
+                   admin=old.admin, log=replace(new.log, access=old.log.access))
 
 
 def run_worker(config: ProxyConfig, registry: Registry, reuse_port: bool,
@@ -269,23 +274,33 @@ class Supervisor:
         self.registry = registry
         self.stats_dir = Path(tempfile.mkdtemp(prefix="sandbox-proxy-stats-"))
         self.children: dict[int, Path] = {}
+        self.indexes: dict[int, int] = {}
         self.draining = False
+        self.restarts = 0
 
     def fork_workers(self) -> None:
         for index in range(self.config.server.workers):
-            path = self.stats_dir / f"worker-{index}.json"
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:  # the first worker serves the admin API
-                    run_worker(self.config, self.registry, True, path, serves_admin=index == 0)
-                except BaseException:
-                    log.exception("worker crashed")
-                    code = 1
-                finally:
-                    logging.shutdown()
-                    os._exit(code)
-            self.children[pid] = path
+            self.fork_worker(index)
+
+    def fork_worker(self, index: int) -> None:
+        path = self.stats_dir / f"worker-{index}.json"
+        path.unlink(missing_ok=True)  # a dead predecessor's numbers leave the sums
+        pid = os.fork()
+        if pid == 0:
+            # A replacement is forked from the supervisor's running loop: forget that loop
+            # (asyncio keeps it per thread) so the worker can run its own.
+            asyncio.events._set_running_loop(None)
+            code = 0
+            try:  # the first worker serves the admin API
+                run_worker(self.config, self.registry, True, path, serves_admin=index == 0)
+            except BaseException:
+                log.exception("worker crashed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = path
+        self.indexes[pid] = index
 
     def snapshot(self) -> dict:
         snapshots = []
@@ -320,16 +335,24 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, forward, signum)
         status = 0
-        waiting = set(self.children)
-        while waiting:
-            for pid in list(waiting):
+        while self.children:
+            for pid in list(self.children):
                 done, code = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    waiting.discard(pid)
-                    exit_code = os.waitstatus_to_exitcode(code)
-                    if exit_code != 0 and not self.draining:
-                        log.error("worker %d exited with %d", pid, exit_code)
+                if not done:
+                    continue
+                path = self.children.pop(pid)
+                index = self.indexes.pop(pid)
+                exit_code = os.waitstatus_to_exitcode(code)
+                if self.draining:
                     status = status or max(exit_code, 0)
+                    continue
+                # A worker died on its own: replace it (its port share and its metrics).
+                log.error("worker %d exited with %d; starting a new one", pid, exit_code)
+                path.unlink(missing_ok=True)
+                self.restarts += 1
+                await asyncio.sleep(min(5.0, 0.1 * self.restarts))  # no tight crash loop
+                if not self.draining:
+                    self.fork_worker(index)
             await asyncio.sleep(0.1)
         if metrics is not None:
             await metrics.cleanup()

@@ -44,8 +44,9 @@ class Stats:
     """Everything one process measured since it started."""
 
     def __init__(self, registry_kind: str = "static") -> None:
-        # (status // 100, method as llhttp gave it, protocol); labels are made at snapshot time
-        self.responses: dict[tuple[int, bytes, str], int] = {}
+        # (status // 100, method as llhttp gave it, protocol, origin): labels are made at
+        # snapshot time. origin: "backend" relayed a backend's answer, "proxy" answered itself.
+        self.responses: dict[tuple[int, bytes, str, str], int] = {}
         self.request_bytes = 0
         self.response_bytes = 0
         self.connections_opened = 0
@@ -56,7 +57,8 @@ class Stats:
         self.connect_duration = Histogram(CONNECT_BUCKETS)
         self.connect_failures: dict[str, int] = {}
         self.retries = 0
-        self.reloads: dict[tuple[str, str], int] = {}  # (what, ok|error)
+        # (what, ok|error); the config's rows exist from the start so increase() sees the first
+        self.reloads: dict[tuple[str, str], int] = {("config", "ok"): 0, ("config", "error"): 0}
         self.last_reload_success: dict[str, float] = {}
         self.registry_kind = registry_kind
         self.lookups_found = 0       # answered from memory (the hot path counts plain ints)
@@ -64,8 +66,8 @@ class Stats:
         self.lookups: dict[tuple[str, str], int] = {}  # (registry kind, outcome), remote ones
         self.lookup_duration = Histogram(LOOKUP_BUCKETS)
 
-    def response(self, status: int, method: bytes, protocol: str) -> None:
-        key = (status // 100, method, protocol)
+    def response(self, status: int, method: bytes, protocol: str, origin: str) -> None:
+        key = (status // 100, method, protocol, origin)
         responses = self.responses
         responses[key] = responses.get(key, 0) + 1
 
@@ -86,10 +88,10 @@ class Stats:
             self.last_reload_success[what] = when
 
     def snapshot(self, gauges: dict[str, float]) -> dict:
-        responses: dict[tuple[str, str, str], int] = {}
-        for (klass, method, protocol), n in self.responses.items():
+        responses: dict[tuple[str, str, str, str], int] = {}
+        for (klass, method, protocol, origin), n in self.responses.items():
             key = (CODE_CLASSES[klass] if klass < 6 else "5xx", METHODS.get(method, "other"),
-                   protocol)
+                   protocol, origin)
             responses[key] = responses.get(key, 0) + n
         lookups = dict(self.lookups)
         for outcome, n in (("found", self.lookups_found), ("not_found", self.lookups_not_found)):
@@ -118,7 +120,8 @@ ROW_COUNTERS = ("responses", "reloads", "lookups")          # [[*labels, n], ...
 NUMBERS = ("request_bytes", "response_bytes", "retries", "connections_opened")
 HISTOGRAMS = ("response_duration", "connect_duration", "lookup_duration", "resume_duration")
 KEYED_HISTOGRAMS = ("stream_duration",)                      # {label: histogram}
-KEYED_COUNTS = ("connect_failures", "resumes", "gauges")     # {label: n}, summed
+KEYED_COUNTS = ("connect_failures", "resumes", "gauges")     # {label: n}, summed ...
+GAUGES_NOT_SUMMED = {"sandboxes": max}                       # ... except these
 KEYED_LATEST = ("last_reload_success",)                      # {label: unix time}, the latest
 
 
@@ -153,7 +156,10 @@ def merge(snapshots: Iterable[dict]) -> dict:
                 merged[field][name] = _add_histogram(merged[field].get(name), h)
         for field in KEYED_COUNTS:
             for name, n in snap.get(field, {}).items():
-                merged[field][name] = merged[field].get(name, 0) + n
+                combine = GAUGES_NOT_SUMMED.get(name) if field == "gauges" else None
+                old = merged[field].get(name)
+                merged[field][name] = (n if old is None else combine(old, n) if combine
+                                       else old + n)
         for field in KEYED_LATEST:
             for name, when in snap.get(field, {}).items():
                 merged[field][name] = max(when, merged[field].get(name, 0.0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import ssl
@@ -16,7 +17,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RawConn, fetch, header_value, launch_proxy, wait_until
+from conftest import RawConn, _children, fetch, header_value, wait_until
 
 
 async def scrape(p) -> dict:
@@ -63,11 +64,16 @@ async def test_metrics_count_real_traffic(proxy):
     await asyncio.sleep(0.2)
     s = await scrape(p)
     requests = "sandbox_proxy_requests_total"
-    assert value(s, requests, code_class="2xx", method="GET", protocol="http") == 5
-    assert value(s, requests, code_class="5xx", method="GET", protocol="http") == 3
-    assert value(s, requests, code_class="2xx", method="POST", protocol="http") == 1
-    assert value(s, requests, code_class="1xx", method="GET", protocol="websocket") == 1
-    assert value(s, requests, code_class="2xx", method="GET", protocol="sse") == 1
+    assert value(s, requests, code_class="2xx", method="GET", protocol="http",
+                 origin="backend") == 5
+    assert value(s, requests, code_class="5xx", method="GET", protocol="http",
+                 origin="proxy") == 3
+    assert value(s, requests, code_class="2xx", method="POST", protocol="http",
+                 origin="backend") == 1
+    assert value(s, requests, code_class="1xx", method="GET", protocol="websocket",
+                 origin="backend") == 1
+    assert value(s, requests, code_class="2xx", method="GET", protocol="sse",
+                 origin="backend") == 1
     assert value(s, "sandbox_proxy_request_duration_seconds_count") == 11
     assert value(s, "sandbox_proxy_stream_duration_seconds_count", protocol="websocket") == 1
     assert value(s, "sandbox_proxy_stream_duration_seconds_count", protocol="sse") == 1
@@ -103,12 +109,35 @@ async def test_metrics_are_summed_across_workers(proxy):
     async def counted() -> bool:
         s = await scrape(p)
         return value(s, "sandbox_proxy_requests_total", code_class="2xx", method="GET",
-                     protocol="http") == total
+                     protocol="http", origin="backend") == total
     await wait_until(counted, timeout=5)
     s = await scrape(p)
     assert value(s, "sandbox_proxy_workers") == 2
     assert value(s, "sandbox_proxy_connections_opened_total") - opened_before == total
     assert await status(p.metrics_url + "/readyz") == 200
+
+
+async def test_dead_worker_is_replaced(proxy):
+    p = proxy(config={"server": {"workers": 2}})
+    await asyncio.sleep(1.2)
+    workers = _children(p.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+
+    async def replaced() -> bool:
+        kids = _children(p.pid)
+        return len(kids) == 2 and workers[0] not in kids
+    await wait_until(replaced, timeout=10)
+    for _ in range(10):
+        assert (await fetch(p, "/echo")).status == 200
+    await asyncio.sleep(1.2)
+    s = await scrape(p)
+    assert value(s, "sandbox_proxy_workers") == 2
+    assert value(s, "sandbox_proxy_registry_ready") == 2
+    assert value(s, "sandbox_proxy_registry_sandboxes") == 3  # the registry's size, not a sum
+    assert await status(p.metrics_url + "/readyz") == 200
+    assert "starting a new one" in p.stderr()
+    assert p.stop() == 0
 
 
 # -- access log -------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+# sandbox-proxy container image (docs/deployment.md):
+#
+#   docker build -t sandbox-proxy .
+#   docker run -p 8080:8080 -p 9091:9091 -v $PWD/config:/etc/sandbox-proxy:ro sandbox-proxy
+#
+# The mounted directory holds proxy.toml and the registry file beside it (sandboxes.toml). Inside
+# a container the listeners must not be on loopback: the mounted proxy.toml sets
+# `listen = "0.0.0.0:8080"` and `[metrics] listen = "0.0.0.0:9091"` (or pass --listen).
+
+# -- builder: the project and every dependency as wheels ---------------------------------------
+FROM python:3.11-slim AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy/ proxy/
+RUN pip wheel --wheel-dir /wheels .
+
+# -- runtime: a virtual environment with those wheels, run as an unprivileged user -------------
+FROM python:3.11-slim
+ENV VIRTUAL_ENV=/opt/sandbox-proxy \
+    PATH=/opt/sandbox-proxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN groupadd --system --gid 10001 sandbox-proxy \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin sandbox-proxy \
+ && mkdir -p /etc/sandbox-proxy
+# The wheels are bind-mounted from the builder, so they never become a layer of this image. The
+# venv has no pip of its own: the base image's pip installs into it (offline, wheels only).
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv --without-pip /opt/sandbox-proxy \
+ && python -m pip --python /opt/sandbox-proxy/bin/python install --no-index --no-cache-dir \
+        --disable-pip-version-check --find-links /wheels sandbox-proxy \
+ && /opt/sandbox-proxy/bin/python -c "import uvloop, httptools" \
+ && sandbox-proxy --version
+
+USER 10001:10001
+# 8080 edge, 9091 metrics (/metrics, /healthz, /readyz), 9092 admin API (only when [admin] listen
+# is set in the config)
+EXPOSE 8080 9091 9092
+# /healthz on the metrics listener (port 9091 must be enabled in the config); python's urllib,
+# as the image has no curl. urlopen raises on refusal or a non-2xx answer: exit status 1.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9091/healthz', timeout=2)"]
+# SIGTERM (docker stop) drains: give the container drain_delay + drain_timeout + a margin
+# (`docker stop -t 45`, Kubernetes terminationGracePeriodSeconds).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sandbox-proxy"]
+CMD ["--config", "/etc/sandbox-proxy/proxy.toml"]
