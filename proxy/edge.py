@@ -19,7 +19,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy import errors
 from proxy.context import EdgeContext
 from proxy.exchange import Exchange, admit, route_request
-from proxy.flow import WAITING_TURN, WAITING_UPSTREAM, ReadGate
+from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, peer_closed, reset
 from proxy.headers import trailer_lines
 from proxy.registry.resume import ResumeFailed
 from proxy.relay import ResponseRelay
@@ -52,6 +52,7 @@ class RateLimitedWarning:
 registry_warnings = RateLimitedWarning(5.0)
 PENDING_LIMIT = 256 * 1024  # request bytes buffered while the backend connection opens
 LINGER_SECONDS = 2.0        # reading (and discarding) after our answer before a hard close
+PROBE_SECONDS = 1.0         # how often a client paused by a full backend is checked for life
 
 
 class ClientConnection(ResponseRelay, asyncio.Protocol):
@@ -60,7 +61,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
         "tunnel", "tunnel_peer", "tunnel_in", "out", "upgrade_rest", "in_head",
         "head_bytes", "head_error", "writing_paused", "closing", "lingering", "closed",
-        "deadline",
+        "deadline", "probing",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
@@ -93,6 +94,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.lingering = False
         self.closed = False
         self.deadline = 0.0
+        self.probing = False  # the deadline is a liveness probe while reading is paused
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,10 +142,11 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
             return self.tunnel.client_eof()
-        if self.active is not None:
-            self.active.close_after = True  # a half-closed client still reads the answer
+        ex = self.active
+        if ex is not None and ex.request_done and not ex.response_done:
+            ex.close_after = True  # a half-closed client still reads the answer
             return True
-        return False
+        return False  # idle, or a request that can never be completed now: close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.closing = True
@@ -168,6 +171,20 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             up.client = None
             up.abort()
         self.active = self.parsing = self.queued = None
+
+    def upstream_full(self) -> None:
+        """The backend's send buffer is full: stop reading the client, and check from time to
+        time that the client is still there (a paused socket is not watched)."""
+        self.gate.pause(PEER_FULL)
+        if not self.deadline:
+            self.probing = True
+            self.deadline = self.loop.time() + PROBE_SECONDS
+
+    def upstream_drained(self) -> None:
+        self.gate.resume(PEER_FULL)
+        if self.probing:
+            self.probing = False
+            self.deadline = 0.0
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -374,7 +391,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         error = error or self.head_error or errors.BadRequest(f"Malformed request: {exc}")
         ex = self.active
         if ex is not None and ex.response_started:
-            self.transport.abort()  # mid-stream: nothing sane can follow
+            reset(self.transport)  # mid-response: nothing sane can follow
             return
         if ex is not None and ex.upstream is not None:
             up, self.upstream, ex.upstream = ex.upstream, None, None
@@ -480,6 +497,17 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
 
     # -- timeouts and shutdown ----------------------------------------------------------------
     def on_deadline(self) -> None:
+        if self.probing:
+            if not self.gate.reasons & PEER_FULL:
+                self.probing = False
+                return
+            ex = self.active
+            mid_request = self.tunnel is None and ex is not None and not ex.request_done
+            if peer_closed(self.transport, half_close_counts=mid_request):
+                self.transport.abort()  # connection_lost releases the backend connection
+            else:
+                self.deadline = self.loop.time() + PROBE_SECONDS
+            return
         if self.lingering or self.active is None and not self.head_bytes:
             self.closing = True
             self.transport.close()  # linger over, or idle keep-alive / silent new connection

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from proxy import errors
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Exchange
-from proxy.flow import WAITING_UPSTREAM
+from proxy.flow import WAITING_UPSTREAM, reset
 from proxy.headers import scan_response_headers, trailer_lines
 from proxy.tunnel import Tunnel
 
@@ -119,6 +119,7 @@ class ResponseRelay:
         ex.upstream = None
         if self.upstream is up:
             self.upstream = None
+        self.upstream_drained()  # a full backend no longer holds the client back
         if reuse:
             up.pool.release(up)
         else:
@@ -149,7 +150,7 @@ class ResponseRelay:
                 self.exchange_ended(ex)
                 self.flush_out()
                 if ex.body_mode == BODY_UNTIL_CLOSE:
-                    self.transport.abort()  # a FIN would look like a complete body
+                    reset(self.transport)  # a FIN would look like a complete body
                 else:
                     self.closing = True
                     self.transport.close()  # fewer bytes than framed: the client sees it

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.config import ProxyConfig
-from proxy.flow import PEER_FULL
 from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
 
@@ -65,7 +64,7 @@ class BackendPolicy:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "client", "tunnel_peer", "status_reason",
                  "headers", "trailers", "deadline", "reused", "responded", "closed",
-                 "reading_paused", "head_seen", "tunnel_out")
+                 "reading_paused", "head_seen", "tunnel_out", "quiet_bytes")
 
     def __init__(self, pool: "UpstreamPool"):
         self.pool = pool
@@ -83,6 +82,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self.head_seen = False
         self.tunnel_out = 0  # bytes relayed to the client after a 101
+        # Bytes received since the response last made progress (head complete, body bytes):
+        # a head or trailer section is bounded by `pools.max_head_bytes`, so a backend that
+        # never ends one cannot make the proxy buffer without end.
+        self.quiet_bytes = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,8 +104,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
+        self.quiet_bytes += len(data)
         try:
             self.parser.feed_data(data)
+            if self.quiet_bytes > self.pool.pools.max_head_bytes:
+                log.warning("backend %s:%s of %s sent more than %d bytes of response head or "
+                            "trailers", self.pool.host, self.pool.port, self.pool.sandbox_id,
+                            self.pool.pools.max_head_bytes)
+                if self.client is not None:
+                    self.client.upstream_lost(self)
+                self.abort()
         except HttpParserUpgrade as exc:
             client.upstream_upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
@@ -128,11 +139,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.client is not None:
-            self.client.gate.pause(PEER_FULL)
+            self.client.upstream_full()
 
     def resume_writing(self) -> None:
         if self.client is not None:
-            self.client.gate.resume(PEER_FULL)
+            self.client.upstream_drained()
 
     # -- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -153,9 +164,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_seen = True
+        self.quiet_bytes = 0
         self.client.response_head(self, self.parser.get_status_code())  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
+        self.quiet_bytes = 0
         self.client.response_body(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
@@ -317,6 +330,7 @@ class UpstreamPools:
         self.connect_backoff = config.upstream.connect_backoff
         self.idle_timeout = config.timeouts.upstream_idle
         self.max_idle = config.upstream.max_idle_per_backend
+        self.max_head_bytes = config.limits.max_header_bytes  # backends' heads and trailers
 
     def pool(self, sandbox_id: str, host: str, port: int) -> UpstreamPool:
         key = (sandbox_id, host, port)
