@@ -61,7 +61,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
         "tunnel", "tunnel_peer", "tunnel_in", "out", "upgrade_rest", "in_head",
         "head_bytes", "head_error", "writing_paused", "closing", "lingering", "closed",
-        "deadline", "probing",
+        "deadline", "probing", "routing", "quiet_bytes", "pending_error",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
@@ -79,7 +79,8 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.active: Exchange | None = None    # the request being served
         self.queued: deque[Exchange] | None = None  # pipelined requests behind it
         self.upstream: UpstreamConnection | None = None
-        self.connecting: asyncio.Task | None = None
+        self.connecting: asyncio.Task | None = None  # opening a backend connection
+        self.routing: asyncio.Task | None = None     # awaiting a remote registry
         self.slot: str | None = None  # sandbox whose connection slot the active exchange holds
         self.tunnel: Tunnel | None = None
         self.tunnel_peer: asyncio.Transport | None = None
@@ -95,6 +96,11 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.closed = False
         self.deadline = 0.0
         self.probing = False  # the deadline is a liveness probe while reading is paused
+        # Bytes received since the request last made progress (head complete, body bytes,
+        # message complete): bounds heads and trailer sections, however they are split.
+        self.quiet_bytes = 0
+        # A malformed request that follows complete ones: answered once those are served.
+        self.pending_error: errors.ProxyError | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,8 +125,8 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             self.tunnel_in += len(data)
             self.tunnel_peer.write(data)
             return
-        if self.closing:
-            return  # lingering after a final answer: discard
+        if self.closing or self.pending_error is not None:
+            return  # lingering after a final answer, or past a malformed request: discard
         if self.upgrade_rest is not None:
             self.upgrade_rest.append(data)
             return
@@ -128,6 +134,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             if not self.head_bytes:
                 self.deadline = self.loop.time() + self.ctx.client_header_timeout
             self.head_bytes += len(data)
+        self.quiet_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -136,7 +143,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         except HttpParserError as exc:
             self.request_malformed(exc)
         else:
-            if self.in_head and self.head_bytes > self.ctx.max_header_bytes:
+            if self.quiet_bytes > self.ctx.max_header_bytes:
                 self.request_malformed(None, errors.HeadersTooLarge("Request header is too large"))
 
     def eof_received(self) -> bool | None:
@@ -153,9 +160,12 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.ctx.sweeper.watched.discard(self)
         self.ctx.connections.discard(self)
         self.release_slot()
-        if self.connecting is not None:
-            self.connecting.cancel()
-            self.connecting = None
+        if self.routing is not None:
+            self.routing.cancel()
+            self.routing = None
+        # A connect under way is not cancelled: cancelling it just after the connection is made
+        # would orphan that connection; it completes and goes to the pool (see connect()).
+        self.connecting = None
         ex = self.active
         if self.tunnel is not None:
             self.tunnel.client_lost()
@@ -170,7 +180,10 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             up, self.upstream = self.upstream, None
             up.client = None
             up.abort()
+        # Break the reference cycles (parser <-> protocol, tunnel, errors' tracebacks) so a
+        # closed connection is freed at once, not at the next full garbage collection.
         self.active = self.parsing = self.queued = None
+        self.parser = self.tunnel = self.head_error = self.pending_error = None
 
     def upstream_full(self) -> None:
         """The backend's send buffer is full: stop reading the client, and check from time to
@@ -228,16 +241,20 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             if len(ex.headers) > self.ctx.max_header_count:
                 self.head_error = errors.HeadersTooLarge("Too many request headers")
                 raise self.head_error
-        else:  # chunked trailer section
+        else:  # chunked trailer section: bounded like a head
             if ex.trailers is None:
                 ex.trailers = []
             ex.trailers.append((name, value))
+            ex.head_size += len(name) + len(value) + 4
+            if ex.head_size > self.ctx.max_header_bytes or len(ex.trailers) > self.ctx.max_header_count:
+                self.head_error = errors.HeadersTooLarge("Request trailers are too large")
+                raise self.head_error
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         parser = self.parser
         self.in_head = False
-        self.head_bytes = 0
+        self.head_bytes = self.quiet_bytes = 0
         self.deadline = 0.0
         ex.started = monotonic()
         ex.method = parser.get_method()
@@ -248,12 +265,13 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         try:
             ex.lookup = route_request(self.ctx, ex, self.client_ip, self.trusted, self.host_cache)
         except errors.ProxyError as exc:
-            ex.error = exc
+            ex.error = exc.with_traceback(None)  # no frame (and no cycle) kept alive
         if ex is self.active and not self.closing:
             self.dispatch(ex)
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
+        self.quiet_bytes = 0
         if ex is None or ex.discard or ex.error is not None:
             return
         ex.bytes_in += len(body)
@@ -277,6 +295,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             return
         self.parsing = None
         self.in_head = True
+        self.quiet_bytes = 0
         ex.request_done = True
         if ex.discard:
             if ex.response_done:
@@ -291,7 +310,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
             self.answer(ex, ex.error)
             return
         if ex.lookup is not None:
-            self.connecting = self.loop.create_task(self.finish_routing(ex))
+            self.routing = self.loop.create_task(self.finish_routing(ex))
             return
         if self.ctx.sandbox_limit and self.slot is None:
             if not self.ctx.take_slot(ex.sandbox_id):
@@ -321,7 +340,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         except Exception as exc:
             registry_warnings.warn("registry look-up of %s failed: %s", ex.sandbox_id, exc)
             record = errors.RegistryUnavailable(ex.sandbox_id)
-        self.connecting = None
+        self.routing = None
         ex.lookup = None
         if self.closed or self.active is not ex:
             return
@@ -332,7 +351,7 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
                 raise errors.SandboxNotFound(ex.sandbox_id)
             admit(self.ctx, ex, record, self.client_ip, self.trusted)
         except errors.ProxyError as exc:
-            ex.error = exc
+            ex.error = exc.with_traceback(None)
         self.dispatch(ex)
 
     async def connect(self, ex: Exchange, pool) -> None:
@@ -389,7 +408,18 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         if self.closing:
             return
         error = error or self.head_error or errors.BadRequest(f"Malformed request: {exc}")
+        self.head_error = None
+        error.__traceback__ = error.__context__ = None
         ex = self.active
+        if ex is not None and ex.request_done and self.parsing is not ex:
+            # The bad bytes follow complete requests: serve those, then answer this (or, after
+            # a Connection: close request, just close).
+            if self.parsing is not None and self.queued and self.queued[-1] is self.parsing:
+                self.queued.pop()
+            self.parsing = None
+            self.pending_error = error
+            self.gate.pause(WAITING_TURN)
+            return
         if ex is not None and ex.response_started:
             reset(self.transport)  # mid-response: nothing sane can follow
             return
@@ -488,10 +518,14 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         queued = self.queued
         if queued:
             nxt = self.active = queued.popleft()
-            if not queued:
+            if not queued and self.pending_error is None:
                 self.gate.resume(WAITING_TURN)
             if nxt.method:  # its head is complete
                 self.dispatch(nxt)
+        elif self.pending_error is not None:
+            error, self.pending_error = self.pending_error, None
+            error.close = True
+            self.answer(Exchange(), error)
         elif self.in_head and not self.head_bytes:
             self.deadline = self.loop.time() + self.ctx.client_idle_timeout
 

@@ -136,6 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.client is not None:
             self.client.upstream_lost(self)
             self.client = None
+        self.parser = self.tunnel_peer = None  # break the parser <-> protocol cycle
 
     def pause_writing(self) -> None:
         if self.client is not None:
