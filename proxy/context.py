@@ -70,6 +70,7 @@ class EdgeContext:
                                       if c.active is not None and c.tunnel is None),
             "open_streams": sum(1 for c in connections if c.tunnel is not None),
             "draining": int(self.draining),
+            "event_loop_tasks": len(asyncio.all_tasks(self.loop)),
             "registry_ready": int(registry.ready()),
             **self.pools.gauges(),
         }

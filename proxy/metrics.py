@@ -31,6 +31,8 @@ GAUGES = {  # snapshot gauge name -> (metric name, help)
     "upstream_pools": ("upstream_pools", "Backend pools (one per sandbox address and port)"),
     "sandboxes": ("registry_sandboxes", "Sandboxes known to the registry (in memory)"),
     "draining": ("draining", "1 while the process drains after SIGTERM"),
+    "event_loop_tasks": ("event_loop_tasks", "asyncio tasks alive (connects, remote look-ups, "
+                         "periodic jobs); steady when nothing leaks"),
     "registry_ready": ("registry_ready", "Workers whose registry is reachable (equals "
                        "sandbox_proxy_workers when all are; 1 for a single process)"),
     "workers": ("workers", "Worker processes serving the edge"),
