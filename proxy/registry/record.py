@@ -4,10 +4,12 @@ paused state) and the validation every registry kind applies to them."""
 from __future__ import annotations
 
 import hashlib
+import re
 from types import MappingProxyType
 from typing import Any, Mapping
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_HOST = re.compile(r"[^\s/]+")  # a host name or address: no whitespace, no slash
 _NO_PORTS: Mapping[int, int] = MappingProxyType({})  # shared: a million records, one empty map
 
 
@@ -77,6 +79,11 @@ class SandboxRecord:
 
 def record_from_mapping(sandbox_id: str, data: Any) -> SandboxRecord:
     """Validate one registry entry; raise ValueError('<key>: <problem>') when it is unusable."""
+    if type(data) is dict and len(data) == 1:  # the common entry: just a host (fast path)
+        host = data.get("host")
+        if (type(host) is str and _HOST.fullmatch(host) and sandbox_id
+                and _ID_CHARS.issuperset(sandbox_id)):
+            return SandboxRecord(sandbox_id, host)
     if not sandbox_id or not _ID_CHARS.issuperset(sandbox_id):
         raise ValueError("sandbox id must match ^[a-z0-9]+$")
     if not isinstance(data, dict):

@@ -24,8 +24,19 @@ from typing import Any
 from proxy.config import ConfigError, read_toml
 from proxy.registry import RemovalListener
 from proxy.registry.record import SandboxRecord, record_from_mapping
+from proxy.registry.toml_subset import parse_registry_subset
 
 log = logging.getLogger("sandbox_proxy.registry")
+
+
+def _read_registry_toml(path: Path) -> dict:
+    """The registry's usual shape by the fast subset reader, anything else by tomllib."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return read_toml(path)  # it reports the problem with the file
+    data = parse_registry_subset(text)
+    return data if data is not None else read_toml(path)
 
 
 def load_registry_file(path: Path) -> dict[str, SandboxRecord]:
@@ -38,7 +49,7 @@ def load_registry_file(path: Path) -> dict[str, SandboxRecord]:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     else:
-        data = read_toml(path)
+        data = _read_registry_toml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a table with a [sandboxes] section")
     unknown = sorted(set(data) - {"sandboxes"})
