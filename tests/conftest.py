@@ -495,6 +495,18 @@ def shared_proxy(tmp_path_factory, backend, refused_port):
     p.stop()
 
 
+@contextlib.asynccontextmanager
+async def raw_backend(handler):
+    """A hand-written backend: `handler(reader, writer)` per connection; yields its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
 # --------------------------------------------------------------------------
 # A raw HTTP/1.1 client, for what client libraries refuse to send or hide
 # --------------------------------------------------------------------------

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 
 import pytest
 
-from conftest import RawConn, header_value, header_values
+from conftest import RawConn, header_value, header_values, raw_backend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -226,17 +225,6 @@ async def test_multiple_set_cookie_kept_separate(shared_proxy):
         await conn.aclose()
     assert resp.status == 200
     assert resp.header_all("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/; HttpOnly"]
-
-
-@contextlib.asynccontextmanager
-async def raw_backend(handler):
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 2)
 
 
 async def test_response_hop_by_hop_headers_removed(shared_proxy):

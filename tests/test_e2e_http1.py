@@ -20,6 +20,7 @@ from conftest import (
     RawConn,
     build_request,
     port_is_open,
+    raw_backend,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,17 +35,6 @@ async def connection(p):
         yield conn
     finally:
         await conn.aclose()
-
-
-@contextlib.asynccontextmanager
-async def raw_backend(handler):
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 2)
 
 
 # ---------------------------------------------------------------------------

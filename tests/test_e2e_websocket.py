@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RawConn, build_request, not_found_body, wait_until
+from conftest import RawConn, build_request, not_found_body, raw_backend, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -232,17 +232,6 @@ async def test_aiohttp_client_websocket(shared_proxy, backend):
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert msg.data == 4002
             assert msg.extra == "aio server bye"
-
-
-@contextlib.asynccontextmanager
-async def raw_backend(handler):
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 2)
 
 
 async def test_generic_upgrade_tunnels_raw_bytes(shared_proxy):
