@@ -4,7 +4,9 @@
 each request becomes an `Exchange` that is routed (proxy/exchange.py), bound to a pooled backend
 connection (proxy/upstream.py) and answered by the response relay (proxy/relay.py). No task or
 future is created per request unless a backend connection must be opened or the registry asked
-remotely. Pipelined requests are served in order. Every error answer comes from proxy/errors.py.
+remotely. Pipelined requests are served in order. How exchanges and the connection end (the
+proxy's own answers, the next pipelined request, lingering close, timeouts, drain, accounting) is
+proxy/lifecycle.py; every error answer's content comes from proxy/errors.py.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy import errors
 from proxy.context import EdgeContext
 from proxy.exchange import Exchange, admit, route_request
-from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, peer_closed, reset
+from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, reset
 from proxy.headers import trailer_lines
 from proxy.registry.resume import ResumeFailed
+from proxy.lifecycle import PROBE_SECONDS, ExchangeLifecycle
 from proxy.relay import ResponseRelay
 from proxy.tunnel import Tunnel
 from proxy.upstream import BackendRefused, ConnectFailed, UpstreamConnection
@@ -51,11 +54,9 @@ class RateLimitedWarning:
 
 registry_warnings = RateLimitedWarning(5.0)
 PENDING_LIMIT = 256 * 1024  # request bytes buffered while the backend connection opens
-LINGER_SECONDS = 2.0        # reading (and discarding) after our answer before a hard close
-PROBE_SECONDS = 1.0         # how often a client paused by a full backend is checked for life
 
 
-class ClientConnection(ResponseRelay, asyncio.Protocol):
+class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
     __slots__ = (
         "ctx", "proxied_ip", "loop", "transport", "gate", "parser", "client_ip", "trusted",
         "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
@@ -432,130 +433,3 @@ class ClientConnection(ResponseRelay, asyncio.Protocol):
         self.queued = None
         error.close = True
         self.answer(ex, error)
-
-    # -- answers the proxy makes itself -------------------------------------------------------
-    def answer(self, ex: Exchange, error: errors.ProxyError) -> None:
-        # A body still coming is not waited for: answer, then linger-close.
-        close = (error.close or not ex.keep_alive or ex.close_after or self.ctx.draining
-                 or (ex.has_body and not ex.request_done))
-        self.out.append(errors.render_error(
-            error, html_page=ex.wants_html(), head_only=ex.method == b"HEAD", close=close))
-        self.flush_out()
-        self.record_response(ex, error.status, "http", "proxy")
-        ex.outcome = type(error).__name__
-        ex.response_started = True
-        if close:
-            ex.response_done = True
-            self.exchange_ended(ex)
-            self.linger_close()
-        else:
-            self.response_done(ex)
-
-    def record_response(self, ex: Exchange, status: int, protocol: str,
-                        origin: str = "backend") -> None:
-        ex.status = status
-        ex.protocol = protocol
-        stats = self.ctx.stats
-        stats.response(status, ex.method, protocol, origin)
-        if ex.started:
-            stats.response_duration.observe(monotonic() - ex.started)
-
-    def exchange_ended(self, ex: Exchange) -> None:
-        """Account for an exchange once, however it ended: counters and the access log."""
-        if ex.ended:
-            return
-        ex.ended = True
-        ctx = self.ctx
-        stats = ctx.stats
-        stats.request_bytes += ex.bytes_in
-        stats.response_bytes += ex.bytes_out
-        duration = monotonic() - ex.started if ex.started else 0.0
-        if ex.protocol == "sse":
-            stats.stream_duration["sse"].observe(duration)
-        if ctx.access_log.enabled:
-            ctx.access_log.record(self.client_ip, ex.method, ex.host, ex.sandbox_id, ex.port,
-                                  ex.target, ex.status, ex.bytes_in, ex.bytes_out, duration,
-                                  ex.connect_time, ex.outcome, ex.protocol)
-
-    def linger_close(self) -> None:
-        """Send FIN after the answer, keep reading (and dropping) briefly, then close.
-
-        Closing a socket with unread input makes the kernel send RST, which can destroy the
-        answer before the client reads it.
-        """
-        self.flush_out()
-        self.closing = self.lingering = True
-        self.active = self.queued = None
-        self.release_slot()
-        self.gate.reasons = 0
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.transport.close()
-        self.deadline = self.loop.time() + LINGER_SECONDS
-
-    def release_slot(self) -> None:
-        if self.slot is not None:
-            self.ctx.give_slot(self.slot)
-            self.slot = None
-
-    def finish(self, ex: Exchange) -> None:
-        """The exchange is complete both ways: serve the next pipelined request or wait."""
-        self.exchange_ended(ex)
-        self.active = None
-        self.release_slot()
-        if ex.close_after or self.closing:
-            self.linger_close()
-            return
-        if self.upgrade_rest is not None:  # an upgrade was refused: what followed is HTTP again
-            early, self.upgrade_rest = b"".join(self.upgrade_rest), None
-            self.gate.resume(WAITING_UPSTREAM)
-            if early:
-                self.data_received(early)
-                return
-        queued = self.queued
-        if queued:
-            nxt = self.active = queued.popleft()
-            if not queued and self.pending_error is None:
-                self.gate.resume(WAITING_TURN)
-            if nxt.method:  # its head is complete
-                self.dispatch(nxt)
-        elif self.pending_error is not None:
-            error, self.pending_error = self.pending_error, None
-            error.close = True
-            self.answer(Exchange(), error)
-        elif self.in_head and not self.head_bytes:
-            self.deadline = self.loop.time() + self.ctx.client_idle_timeout
-
-    # -- timeouts and shutdown ----------------------------------------------------------------
-    def on_deadline(self) -> None:
-        if self.probing:
-            if not self.gate.reasons & PEER_FULL:
-                self.probing = False
-                return
-            ex = self.active
-            mid_request = self.tunnel is None and ex is not None and not ex.request_done
-            if peer_closed(self.transport, half_close_counts=mid_request):
-                self.transport.abort()  # connection_lost releases the backend connection
-            else:
-                self.deadline = self.loop.time() + PROBE_SECONDS
-            return
-        if self.lingering or self.active is None and not self.head_bytes:
-            self.closing = True
-            self.transport.close()  # linger over, or idle keep-alive / silent new connection
-        elif self.in_head:
-            ex = self.active or Exchange()
-            ex.close_after = True
-            self.answer(ex, errors.RequestTimeout("Request header timed out"))
-
-    def drain(self) -> None:
-        """Shutting down: finish the exchange under way, then close; close idle ones now."""
-        if self.tunnel is not None:
-            return  # tunnels get until the drain timeout
-        if self.active is None and not self.head_bytes:
-            self.closing = True
-            self.transport.close()
-        elif self.active is not None:
-            self.active.close_after = True

@@ -98,7 +98,6 @@ class RemoteRegistry:
         return task
 
     async def _fetch_and_remember(self, sandbox_id: str) -> SandboxRecord | None:
-        loop = asyncio.get_running_loop()
         started = monotonic()
         outcome = "error"
         try:
