@@ -62,7 +62,7 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
         "tunnel", "tunnel_peer", "tunnel_in", "out", "upgrade_rest", "in_head",
         "head_bytes", "head_error", "writing_paused", "closing", "lingering", "closed",
-        "deadline", "probing", "routing", "quiet_bytes", "pending_error",
+        "deadline", "probing", "routing", "quiet_bytes", "pending_error", "body_left",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
@@ -102,6 +102,9 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         self.quiet_bytes = 0
         # A malformed request that follows complete ones: answered once those are served.
         self.pending_error: errors.ProxyError | None = None
+        # Content-Length body bytes still to come once the body has started: relayed as they
+        # arrive, without parsing or copying them (see relay_request_body).
+        self.body_left = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,6 +133,9 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             return  # lingering after a final answer, or past a malformed request: discard
         if self.upgrade_rest is not None:
             self.upgrade_rest.append(data)
+            return
+        if self.body_left:
+            self.relay_request_body(data)
             return
         if self.in_head:
             if not self.head_bytes:
@@ -267,10 +273,33 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             ex.lookup = route_request(self.ctx, ex, self.client_ip, self.trusted, self.host_cache)
         except errors.ProxyError as exc:
             ex.error = exc.with_traceback(None)  # no frame (and no cycle) kept alive
+        if ex.scanned is not None and ex.scanned.length > 0 and ex.upgrade is None:
+            self.body_left = ex.scanned.length
         if ex is self.active and not self.closing:
             self.dispatch(ex)
 
     def on_body(self, body: bytes) -> None:
+        if self.body_left:
+            self.body_left -= len(body)
+        self.request_body(body)
+
+    def relay_request_body(self, data: bytes) -> None:
+        """Content-Length body bytes after the first read: no llhttp, no copy. The parser,
+        which still expects them, is replaced when the body ends."""
+        left = self.body_left
+        self.quiet_bytes = 0
+        if len(data) < left:
+            self.body_left = left - len(data)
+            self.request_body(data)
+            return
+        self.body_left = 0
+        self.request_body(data if len(data) == left else data[:left])
+        self.parser = HttpRequestParser(self)
+        self.on_message_complete()
+        if len(data) > left:  # the next (pipelined) request
+            self.data_received(data[left:])
+
+    def request_body(self, body: bytes) -> None:
         ex = self.parsing
         self.quiet_bytes = 0
         if ex is None or ex.discard or ex.error is not None:

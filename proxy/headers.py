@@ -37,6 +37,7 @@ class RequestHeaders(NamedTuple):
     trailers_accepted: bool  # the client sent TE: trailers
     content_length: bool     # a Content-Length header is present
     chunked: bool            # Transfer-Encoding: chunked (the only transfer coding accepted)
+    length: int              # its value (llhttp has checked it), -1 without one
 
 
 def _named_by_connection(values: list[bytes]) -> frozenset[bytes]:
@@ -62,6 +63,7 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
     names: list[bytes] = []
     connection: list[bytes] = []
     trailers = content_length = chunked = False
+    length = -1
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP:
@@ -93,6 +95,7 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
                 continue
         elif lname == b"content-length":
             content_length = True
+            length = int(value)
         elif lname in private:
             continue
         names.append(lname)
@@ -101,7 +104,7 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
         drop = _named_by_connection(connection)
         if drop:
             lines = [line for lname, line in zip(names, lines) if lname not in drop]
-    return RequestHeaders(host, lines, xff, xfp, xfh, trailers, content_length, chunked)
+    return RequestHeaders(host, lines, xff, xfp, xfh, trailers, content_length, chunked, length)
 
 
 def cookie_value(cookie_header: bytes | None, name: bytes) -> bytes | None:
@@ -167,6 +170,7 @@ class ResponseHeaders(NamedTuple):
     chunked: bool
     upgrade: bytes | None
     event_stream: bool  # Content-Type: text/event-stream (Server-Sent Events)
+    length: int         # Content-Length (llhttp has checked it), -1 without one
 
 
 def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHeaders:
@@ -176,6 +180,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHea
     connection: list[bytes] = []
     content_length = chunked = event_stream = False
     upgrade = None
+    length = -1
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP:
@@ -188,6 +193,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHea
             continue
         if lname == b"content-length":
             content_length = True
+            length = int(value)
         elif lname == b"content-type":
             event_stream = value[:17].lower() == b"text/event-stream"
         names.append(lname)
@@ -196,7 +202,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHea
         drop = _named_by_connection(connection)
         if drop:
             lines = [line for lname, line in zip(names, lines) if lname not in drop]
-    return ResponseHeaders(lines, content_length, chunked, upgrade, event_stream)
+    return ResponseHeaders(lines, content_length, chunked, upgrade, event_stream, length)
 
 
 def trailer_lines(trailers: list[tuple[bytes, bytes]]) -> bytes:

@@ -64,6 +64,7 @@ class ResponseRelay:
             mode = BODY_NONE
         elif scanned.content_length and not scanned.chunked:
             mode = BODY_LENGTH
+            up.body_left = scanned.length  # the rest of the body bypasses the parser
         else:
             ex.upstream_until_close = not scanned.chunked
             mode = BODY_CHUNKED if ex.http11 else BODY_UNTIL_CLOSE

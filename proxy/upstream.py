@@ -64,7 +64,8 @@ class BackendPolicy:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "client", "tunnel_peer", "status_reason",
                  "headers", "trailers", "deadline", "reused", "responded", "closed",
-                 "reading_paused", "head_seen", "tunnel_out", "quiet_bytes")
+                 "reading_paused", "head_seen", "tunnel_out", "quiet_bytes",
+                 "body_left")
 
     def __init__(self, pool: "UpstreamPool"):
         self.pool = pool
@@ -86,6 +87,9 @@ class UpstreamConnection(asyncio.Protocol):
         # a head or trailer section is bounded by `pools.max_head_bytes`, so a backend that
         # never ends one cannot make the proxy buffer without end.
         self.quiet_bytes = 0
+        # Content-Length body bytes still to come once the body has started: they are relayed
+        # as they arrive, without parsing or copying them (see relay_body).
+        self.body_left = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,6 +106,9 @@ class UpstreamConnection(asyncio.Protocol):
         client = self.client
         if client is None:  # an idle backend must not speak; drop the connection
             self.close()
+            return
+        if self.body_left:
+            self.relay_body(client, data)
             return
         self.responded = True
         self.quiet_bytes += len(data)
@@ -148,6 +155,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self.body_left = 0
         self.headers = []
         self.trailers = None
         self.head_seen = False
@@ -170,7 +178,26 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.quiet_bytes = 0
-        self.client.response_body(body)  # type: ignore[union-attr]
+        if self.body_left:
+            self.body_left -= len(body)
+        self.client.response_body(body)
+
+    def relay_body(self, client: "ClientConnection", data: bytes) -> None:
+        """Content-Length body bytes after the first read: no llhttp, no copy. The parser,
+        which still expects them, is replaced when the body ends."""
+        left = self.body_left
+        self.quiet_bytes = 0
+        if len(data) < left:
+            self.body_left = left - len(data)
+            client.response_body(data)
+        else:
+            self.body_left = 0
+            client.response_body(data if len(data) == left else data[:left])
+            self.parser = HttpResponseParser(self)
+            client.response_complete(self)
+            if len(data) > left:  # bytes after the response nobody asked for
+                self.close()
+        client.flush_out()  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
         if self.client is not None:
