@@ -460,5 +460,4 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         if ex is None:
             ex = Exchange()
         self.queued = None
-        error.close = True
-        self.answer(ex, error)
+        self.answer(ex, error)  # parse errors are BadRequests: they close

@@ -20,7 +20,7 @@ class SandboxAddress(NamedTuple):
     sandbox_id: str
 
 
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+SANDBOX_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")  # ^[a-z0-9]+$
 
 
 def normalize_domain(domain: str) -> str:
@@ -67,6 +67,6 @@ def parse_sandbox_host(raw_host: str, domains: Iterable[str]) -> SandboxAddress:
     port = int(port_text)
     if not 0 < port < 65536:
         raise BadHost("port is out of range")
-    if not sandbox_id or not _ID_CHARS.issuperset(sandbox_id):
+    if not sandbox_id or not SANDBOX_ID_CHARS.issuperset(sandbox_id):
         raise BadHost("sandbox id is not [a-z0-9]+")
     return SandboxAddress(port, sandbox_id)

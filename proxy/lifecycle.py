@@ -113,8 +113,7 @@ class ExchangeLifecycle:
                 self.dispatch(nxt)
         elif self.pending_error is not None:
             error, self.pending_error = self.pending_error, None
-            error.close = True
-            self.answer(Exchange(), error)
+            self.answer(Exchange(), error)  # a BadRequest: it closes
         elif self.in_head and not self.head_bytes:
             self.deadline = self.loop.time() + self.ctx.client_idle_timeout
 

@@ -8,7 +8,8 @@ import re
 from types import MappingProxyType
 from typing import Any, Mapping
 
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+from proxy.host import SANDBOX_ID_CHARS
+
 _HOST = re.compile(r"[^\s/]+")  # a host name or address: no whitespace, no slash
 _NO_PORTS: Mapping[int, int] = MappingProxyType({})  # shared: a million records, one empty map
 
@@ -82,9 +83,9 @@ def record_from_mapping(sandbox_id: str, data: Any) -> SandboxRecord:
     if type(data) is dict and len(data) == 1:  # the common entry: just a host (fast path)
         host = data.get("host")
         if (type(host) is str and _HOST.fullmatch(host) and sandbox_id
-                and _ID_CHARS.issuperset(sandbox_id)):
+                and SANDBOX_ID_CHARS.issuperset(sandbox_id)):
             return SandboxRecord(sandbox_id, host)
-    if not sandbox_id or not _ID_CHARS.issuperset(sandbox_id):
+    if not sandbox_id or not SANDBOX_ID_CHARS.issuperset(sandbox_id):
         raise ValueError("sandbox id must match ^[a-z0-9]+$")
     if not isinstance(data, dict):
         raise ValueError("must be a table")
