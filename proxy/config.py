@@ -134,6 +134,7 @@ class AccessConfig:
     browser_cookie: bool = False
     cookie_name: str = "sandbox-access-token"
     query_parameter: str = "access_token"
+    isolate_cookies: bool = True
 
 
 @dataclass(frozen=True)
@@ -515,11 +516,12 @@ def _parse_access(s: _Section) -> AccessConfig:
         exempt_ports=frozenset(ports),
         forward_token=s.get("forward_token", d.forward_token, bool),
         browser_cookie=s.get("browser_cookie", d.browser_cookie, bool),
+        isolate_cookies=s.get("isolate_cookies", d.isolate_cookies, bool),
         cookie_name=s.get("cookie_name", d.cookie_name, str, _header_name),
         query_parameter=s.get("query_parameter", d.query_parameter, str, _header_name),
     )
-    s.finish({"token_header", "exempt_ports", "forward_token", "browser_cookie", "cookie_name",
-              "query_parameter"})
+    s.finish({"token_header", "exempt_ports", "forward_token", "browser_cookie", "isolate_cookies",
+              "cookie_name", "query_parameter"})
     return config
 
 

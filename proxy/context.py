@@ -56,6 +56,7 @@ class EdgeContext:
         # the browser-token cookie is removed from what backends see
         self.strip_cookie = (c.access.cookie_name.encode()
                              if c.access.browser_cookie and not c.access.forward_token else None)
+        self.isolate_cookies = c.access.isolate_cookies
         self.header_routing = c.routing.header_routing
         self.sandbox_id_header = c.routing.sandbox_id_header.lower().encode()
         self.sandbox_port_header = c.routing.sandbox_port_header.lower().encode()

@@ -60,7 +60,8 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
     __slots__ = (
         "ctx", "proxied_ip", "loop", "transport", "gate", "parser", "client_ip", "trusted",
         "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
-        "tunnel", "tunnel_peer", "tunnel_in", "out", "upgrade_rest", "in_head",
+        "tunnel", "tunnel_peer", "tunnel_in", "out", "held", "upgrading", "feeding", "ready",
+        "in_head",
         "head_bytes", "head_error", "writing_paused", "closing", "lingering", "closed",
         "deadline", "probing", "routing", "quiet_bytes", "pending_error", "body_left",
     )
@@ -87,7 +88,16 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         self.tunnel_peer: asyncio.Transport | None = None
         self.tunnel_in = 0  # bytes relayed to the backend after a 101
         self.out: list[bytes] = []  # response bytes waiting for flush_out (see relay.py)
-        self.upgrade_rest: list[bytes] | None = None  # bytes after an upgrade request's head
+        # Nothing after an upgrade request is parsed until its answer is known: a 101 makes those
+        # bytes the tunnel's, anything else makes them HTTP again (RFC 9110 7.8).
+        self.upgrading: Exchange | None = None  # the upgrade request whose answer is awaited
+        self.held: list[bytes] | None = None    # bytes received after its head, unparsed
+        # An exchange is dispatched (and so its head sent upstream) only once llhttp has returned
+        # from the read that completed the head: llhttp validates the framing after our
+        # on_headers_complete (`Transfer-Encoding: chunked\t` is refused there), and nothing it
+        # refuses may have reached a backend.
+        self.feeding = False
+        self.ready: Exchange | None = None
         self.in_head = True
         self.head_bytes = 0
         self.head_error: errors.ProxyError | None = None
@@ -131,8 +141,8 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             return
         if self.closing or self.pending_error is not None:
             return  # lingering after a final answer, or past a malformed request: discard
-        if self.upgrade_rest is not None:
-            self.upgrade_rest.append(data)
+        if self.held is not None:
+            self.held.append(data)
             return
         if self.body_left:
             self.relay_request_body(data)
@@ -142,16 +152,47 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
                 self.deadline = self.loop.time() + self.ctx.client_header_timeout
             self.head_bytes += len(data)
         self.quiet_bytes += len(data)
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            self.upgrade_rest = [data[exc.args[0]:]]
-            self.gate.pause(WAITING_UPSTREAM)
+            self.feeding = False
+            self.hold_after_upgrade(data[exc.args[0]:])
         except HttpParserError as exc:
+            self.feeding = False
+            failed = self.parsing
+            if self.ready is failed:
+                self.ready = None  # refused by the parser: never dispatched
             self.request_malformed(exc)
         else:
+            self.feeding = False
             if self.quiet_bytes > self.ctx.max_header_bytes:
                 self.request_malformed(None, errors.HeadersTooLarge("Request header is too large"))
+        ready = self.ready
+        if ready is not None:
+            self.ready = None
+            if ready is self.active and not self.closing:
+                self.dispatch(ready)
+
+    def hold_after_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped after an upgrade request: keep what follows unparsed until the request
+        is answered (see release_held and upstream_upgraded)."""
+        if self.upgrading is None:  # cannot happen: llhttp stops only after an upgrade head
+            self.request_malformed(None, errors.BadRequest("Unexpected protocol upgrade"))
+            return
+        self.held = [rest]
+        self.gate.pause(WAITING_UPSTREAM)
+
+    def release_held(self) -> None:
+        """The upgrade request was answered without a 101: what followed it is HTTP again."""
+        held, self.held = self.held, None
+        self.upgrading = None
+        self.parser = HttpRequestParser(self)
+        self.gate.resume(WAITING_UPSTREAM)
+        if held:
+            data = b"".join(held)
+            if data:
+                self.data_received(data)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -265,18 +306,22 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         self.deadline = 0.0
         ex.started = monotonic()
         ex.method = parser.get_method()
-        ex.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        ex.http11 = version == "1.1"
         ex.keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
             ex.upgrade = ex.header(b"upgrade") or b""
+            self.upgrading = ex
         try:
+            if not ex.http11 and version != "1.0":  # HTTP/0.9: no version on the request line
+                raise errors.BadRequest("Unsupported HTTP version")
             ex.lookup = route_request(self.ctx, ex, self.client_ip, self.trusted, self.host_cache)
         except errors.ProxyError as exc:
             ex.error = exc.with_traceback(None)  # no frame (and no cycle) kept alive
         if ex.scanned is not None and ex.scanned.length > 0 and ex.upgrade is None:
             self.body_left = ex.scanned.length
         if ex is self.active and not self.closing:
-            self.dispatch(ex)
+            self.ready = ex  # dispatched once llhttp returns (see data_received)
 
     def on_body(self, body: bytes) -> None:
         if self.body_left:
@@ -428,7 +473,8 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
     def request_sent(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """The whole request is on its way: end chunked framing and start the header clock."""
         if ex.chunked:
-            trailers = trailer_lines(ex.trailers) if ex.trailers else b""
+            trailers = (trailer_lines(ex.trailers, self.ctx.private_headers) if ex.trailers
+                        else b"")
             conn.transport.write(b"0\r\n" + trailers + b"\r\n")
         if not ex.response_started:
             conn.deadline = self.loop.time() + self.ctx.upstream_header_timeout

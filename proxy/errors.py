@@ -156,6 +156,15 @@ class UpstreamClosed(ProxyError):
         super().__init__("The sandbox closed the connection before responding", sandbox_id, port)
 
 
+class UpstreamInvalid(ProxyError):
+    """The backend's response head cannot be relayed (malformed framing, a transfer coding an
+    HTTP/1.0 client cannot receive)."""
+    status = 502
+
+    def __init__(self, sandbox_id: str, port: int):
+        super().__init__("The sandbox sent an invalid response", sandbox_id, port)
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
 

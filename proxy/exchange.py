@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import urllib.parse
 from typing import TYPE_CHECKING, Awaitable
 
 from proxy import errors
-from proxy.headers import (MalformedHeaders, RequestHeaders, build_request_head, cookie_value,
-                           forwarding_lines, scan_request_headers, without_cookie)
-from proxy.host import BadHost, SandboxAddress, parse_sandbox_host, strip_host_port
+from proxy.headers import (MalformedHeaders, RequestHeaders, UnsupportedTransferCoding,
+                           build_request_head, cookie_value, forwarding_lines,
+                           scan_request_headers, without_cookie)
+from proxy.host import (BadHost, SandboxAddress, host_chars_valid, parse_sandbox_host,
+                        strip_host_port)
 from proxy.registry import SandboxRecord
 
 if TYPE_CHECKING:
@@ -152,9 +155,9 @@ def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: b
             ex.target = target
     try:
         scanned = scan_request_headers(ex.headers, trusted, ctx.private_headers)
+    except UnsupportedTransferCoding as exc:
+        raise errors.NotImplementedTransferCoding(str(exc)) from None
     except MalformedHeaders as exc:
-        if "Transfer-Encoding" in str(exc):
-            raise errors.NotImplementedTransferCoding(str(exc)) from None
         raise errors.BadRequest(str(exc)) from None
     host = authority if authority is not None else scanned.host
     if not host:
@@ -167,6 +170,8 @@ def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: b
         raise errors.BadRequest("An upgrade request must not carry a body")
     address = host_cache.get(host)
     if address is None:
+        if not host_chars_valid(host):
+            raise errors.BadHost("Invalid host: characters outside [A-Za-z0-9.:-]")
         address = ctx.header_routing and _routing_headers(ctx, ex, host)
         if not address:
             try:
@@ -193,72 +198,82 @@ def admit(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, client_ip: by
     """The per-sandbox steps: running, token, then the head the backend will see."""
     if record.paused:
         raise errors.SandboxNotFound(ex.sandbox_id)
-    scanned = ex.scanned
-    lines = None
     if record.token_sha256 is not None and ex.port not in ctx.exempt_ports:
-        lines = check_token(ctx, ex, record, trusted)
-    elif ctx.strip_cookie is not None:
-        lines = without_cookie(scanned.lines, ctx.strip_cookie)
-    if lines is not None:
-        scanned = scanned._replace(lines=lines)
+        check_token(ctx, ex, record, trusted)
+    scanned = ex.scanned
+    if ctx.strip_cookie is not None:  # the credential cookie never reaches a backend
+        scanned = scanned._replace(lines=without_cookie(scanned.lines, ctx.strip_cookie))
     ex.record = record
     ex.backend_port = record.backend_port(ex.port)
     masked = record.masked_host(ex.port)
     host = ex.host
     ex.upstream_head = build_request_head(
         ex.method, ex.target, masked if masked is not None else host, scanned,
-        forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted),
-        chunked=scanned.chunked, upgrade=ex.upgrade)
+        forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted), upgrade=ex.upgrade)
 
 
 def _token_matches(token: bytes, record: SandboxRecord) -> bool:
     return hmac.compare_digest(hashlib.sha256(token).digest(), record.token_sha256)
 
 
-def check_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord,
-                trusted: bool) -> list[bytes] | None:
-    """Raise AccessDenied unless the request carries the sandbox's traffic token.
+def check_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, trusted: bool) -> None:
+    """Raise unless the request carries the sandbox's traffic token.
 
-    Returns the header lines to forward when the browser cookie must be removed from them.
+    Every credential a request carries is looked at, whichever else it carries: the token header;
+    with `[access] browser_cookie`, the `?access_token` parameter first (a valid one is answered
+    with the cookie and a redirect without it, TokenAccepted, so it never reaches the backend) and
+    then the cookie. No credential at all is AccessDenied.missing, never a pass.
     """
     header_name = ctx.token_header_name
-    token = ex.header(ctx.token_header)
     access = ctx.config.access
+    if access.browser_cookie:
+        _accept_query_token(ctx, ex, record, trusted)
+    token = ex.header(ctx.token_header)
     if token is None and access.browser_cookie:
-        cookie_name = access.cookie_name.encode()
-        token = cookie_value(ex.header(b"cookie"), cookie_name)
-        if token is None:
-            _accept_query_token(ctx, ex, record, trusted)
-        if token is not None and not _token_matches(token, record):
-            raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
-        if ctx.strip_cookie is not None:
-            return without_cookie(ex.scanned.lines, ctx.strip_cookie)
-        return None
+        token = cookie_value(ex.header(b"cookie"), access.cookie_name.encode())
     if token is None:
         raise errors.AccessDenied.missing(ex.sandbox_id, header_name)
     if not _token_matches(token, record):
         raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
-    return None
+
+
+def _percent_decoded(text: bytes) -> bytes:
+    if b"%" not in text and b"+" not in text:
+        return text
+    return urllib.parse.unquote_to_bytes(text.replace(b"+", b" "))
+
+
+def _same_site_path(path: bytes) -> bytes:
+    """`path` as a Location that can only point at this host: a leading run of slashes or
+    backslashes would make browsers read it as `//other.host/` (an open redirect)."""
+    rest = path.lstrip(b"/\\")
+    return b"/" + rest if len(rest) != len(path) or not path else path
 
 
 def _accept_query_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord,
                         trusted: bool) -> None:
-    """`?access_token=T`: a valid T is answered with the cookie and a redirect without it."""
+    """`?access_token=T`: a valid T is answered with the cookie and a redirect without it.
+
+    Parameter names are compared percent-decoded (`access%5Ftoken` is the same parameter to the
+    backend's framework); every occurrence is removed from the redirect target."""
     path, question, query = ex.target.partition(b"?")
     if not question:
         return
-    name = ctx.config.access.query_parameter.encode() + b"="
-    kept, token = [], None
+    name = ctx.config.access.query_parameter.encode()
+    kept, tokens = [], []
     for pair in query.split(b"&"):
-        if pair.startswith(name) and token is None:
-            token = pair[len(name):]
+        key, _, value = pair.partition(b"=")
+        if _percent_decoded(key) == name:
+            tokens.append(value)
         else:
             kept.append(pair)
-    if token is None:
+    if not tokens:
         return
-    if not token or not _COOKIE_SAFE.issuperset(token) or not _token_matches(token, record):
+    token = tokens[0]
+    if (any(t != token for t in tokens) or not token or not _COOKIE_SAFE.issuperset(token)
+            or not _token_matches(token, record)):
         raise errors.AccessDenied.invalid(ex.sandbox_id, ctx.token_header_name)
-    location = path + (b"?" + b"&".join(kept) if kept else b"")
+    location = _same_site_path(path) + (b"?" + b"&".join(kept) if kept else b"")
     cookie = (ctx.config.access.cookie_name.encode() + b"=" + token
               + b"; Path=/; HttpOnly; SameSite=Lax")
     if ctx.scheme == b"https" or (trusted and ex.scanned.forwarded_proto == b"https"):

@@ -1,9 +1,17 @@
 """Header rewriting: the pure functions that turn a client's request head into the backend's, and
 the backend's response head into the client's. No I/O; bytes in, bytes out.
 
-Order follows RFC 9110/9112 as a proxy must apply it: strip hop-by-hop headers (the fixed list of
-RFC 9110 7.6.1 *and* every header the Connection header names), then add the forwarding headers
-(X-Forwarded-For/-Proto/-Host), then re-add the framing the proxy itself chose.
+The rule for what a backend may receive (and, mirrored, what a client may receive) lives here:
+- the head is *built* by the proxy, never copied: request line, `Host`, forwarding headers and
+  message framing (`Content-Length` or `Transfer-Encoding: chunked`, exactly one, RFC 9112 6) are
+  written from what the proxy parsed and validated, so nothing the peer sent can alter them;
+- the peer's other fields are copied, minus the hop-by-hop ones: the fixed list of RFC 9110 7.6.1
+  *and* every field the `Connection` header names. Framing, `Host` and forwarding fields are never
+  among the copied lines, so a `Connection` option naming them cannot remove what frames the
+  message (the smuggling class of `Connection: Content-Length`);
+- fields that claim facts about the client are dropped from untrusted peers, under any spelling
+  that a backend framework could map onto them (`X_Forwarded_For`: CGI-style servers turn `_` into
+  `-`).
 """
 
 from __future__ import annotations
@@ -19,13 +27,24 @@ HOP_BY_HOP = frozenset({
 # proxy writes its own; from a trusted proxy they are kept (X-Forwarded-For is appended to).
 FORWARDING = frozenset({
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
-    b"forwarded", b"x-real-ip",
+    b"x-forwarded-server", b"x-forwarded-scheme", b"x-forwarded-ssl", b"x-forwarded-prefix",
+    b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"client-ip",
+    b"cf-connecting-ip", b"fastly-client-ip", b"x-cluster-client-ip", b"x-original-forwarded-for",
+    b"x-proxyuser-ip", b"front-end-https",
 })
+# Fields the proxy writes itself on every forwarded head (RFC 9112 6.1-6.3 framing, RFC 9110 7.2
+# Host): never copied from the peer.
+WRITTEN_BY_PROXY = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_SPECIAL = HOP_BY_HOP | FORWARDING | WRITTEN_BY_PROXY
 _CONNECTION_OPTIONS_WITHOUT_HEADERS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
 class MalformedHeaders(ValueError):
     """The head cannot be forwarded safely (answered with 400 and a closed connection)."""
+
+
+class UnsupportedTransferCoding(MalformedHeaders):
+    """A request transfer coding other than chunked (answered with 501, RFC 9112 6.1)."""
 
 
 class RequestHeaders(NamedTuple):
@@ -50,13 +69,22 @@ def _named_by_connection(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(names)
 
 
+def is_chunked_request_coding(value: bytes) -> bool:
+    """The only request Transfer-Encoding accepted: `chunked` alone (RFC 9112 6.1, 7.1).
+
+    Strictly narrower than what llhttp frames as chunked (it allows trailing spaces, not tabs), so
+    the proxy never forwards a head whose body the parser then refuses."""
+    return value.rstrip(b" ").lower() == b"chunked"
+
+
 def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
                          private: frozenset[bytes] = frozenset()) -> RequestHeaders:
     """Split a request's headers into what is forwarded and what the proxy decides itself.
 
-    X-Forwarded-For/-Proto/-Host are never copied as they are: forwarding_lines() rebuilds them.
-    The other forwarding headers pass only from a `trusted` peer; `private` names (lower case,
-    e.g. the traffic access token header) never pass.
+    Raises MalformedHeaders for a head that must not be forwarded at all. X-Forwarded-For/-Proto/
+    -Host are never copied as they are: forwarding_lines() rebuilds them. The other forwarding
+    headers pass only from a `trusted` peer; `private` names (lower case, e.g. the traffic access
+    token header) never pass, under any spelling.
     """
     host = xff = xfp = xfh = None
     lines: list[bytes] = []
@@ -66,22 +94,31 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
     length = -1
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"connection":
-                connection.append(value)
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked" or chunked:
-                    raise MalformedHeaders("unsupported Transfer-Encoding")
-                chunked = True
-            elif lname == b"te":
-                trailers = trailers or b"trailers" in value.lower()
-            continue
-        if lname == b"host":
-            if host is not None:
-                raise MalformedHeaders("more than one Host header")
-            host = value
-            continue
-        if lname in FORWARDING:
+        if lname in _SPECIAL:
+            if lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    connection.append(value)
+                elif lname == b"transfer-encoding":
+                    if chunked:
+                        raise MalformedHeaders("more than one Transfer-Encoding")
+                    if not is_chunked_request_coding(value):
+                        raise UnsupportedTransferCoding("unsupported Transfer-Encoding")
+                    chunked = True
+                elif lname == b"te":
+                    trailers = trailers or b"trailers" in value.lower()
+                continue
+            if lname == b"host":
+                if host is not None:
+                    raise MalformedHeaders("more than one Host header")
+                host = value
+                continue
+            if lname == b"content-length":
+                if content_length:
+                    raise MalformedHeaders("more than one Content-Length")
+                content_length = True
+                length = int(value)
+                continue
+            # a forwarding header
             if lname == b"x-forwarded-for":
                 xff = value if xff is None else xff + b", " + value
                 continue
@@ -93,13 +130,16 @@ def scan_request_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool,
                 continue
             if not trusted:
                 continue
-        elif lname == b"content-length":
-            content_length = True
-            length = int(value)
         elif lname in private:
             continue
+        elif b"_" in lname:
+            alias = lname.replace(b"_", b"-")
+            if alias in _SPECIAL or alias in private:
+                continue  # a spelling a backend may read as the real field
         names.append(lname)
         lines.append(name + b": " + value + b"\r\n")
+    if chunked and content_length:
+        raise MalformedHeaders("both Content-Length and Transfer-Encoding")  # RFC 9112 6.3
     if connection:
         drop = _named_by_connection(connection)
         if drop:
@@ -133,13 +173,20 @@ def without_cookie(lines: list[bytes], name: bytes) -> list[bytes]:
 
 
 def build_request_head(method: bytes, target: bytes, host: bytes, scanned: RequestHeaders,
-                       forwarding: bytes, *, chunked: bool, upgrade: bytes | None) -> bytes:
-    """The head sent to the backend. `forwarding` holds the X-Forwarded-* lines already made."""
+                       forwarding: bytes, *, upgrade: bytes | None) -> bytes:
+    """The head sent to the backend, built from a request `scan_request_headers` accepted.
+
+    `forwarding` holds the X-Forwarded-* lines already made. The framing is the one the proxy
+    parsed and will relay: chunked, or the Content-Length it counts the body by, or none (RFC 9112
+    6.3: a request without either has no body). Never both, never a copied value.
+    """
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     parts += scanned.lines
     parts.append(forwarding)
-    if chunked:
+    if scanned.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif scanned.content_length:
+        parts.append(b"Content-Length: %d\r\n" % scanned.length)
     # The client's TE is hop-by-hop; "trailers" is re-sent because the proxy relays trailers to
     # the client (RFC 9110 10.1.4), with the TE connection option that must accompany it.
     if upgrade is not None:
@@ -165,20 +212,77 @@ def forwarding_lines(scanned: RequestHeaders, client_ip: bytes, proto: bytes, ho
 
 
 class ResponseHeaders(NamedTuple):
-    lines: list[bytes]
+    lines: list[bytes]  # forwardable lines; framing is written by the relay (see response_framing)
     content_length: bool
-    chunked: bool
+    chunked: bool       # the last transfer coding is chunked (RFC 9112 6.3 item 4)
+    codings: bytes      # transfer codings applied before chunked (b"gzip"), b"" for none
     upgrade: bytes | None
     event_stream: bool  # Content-Type: text/event-stream (Server-Sent Events)
     length: int         # Content-Length (llhttp has checked it), -1 without one
 
 
-def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHeaders:
-    """Forwardable response header lines plus the framing facts the proxy needs."""
+def response_transfer_codings(values: list[bytes]) -> tuple[bytes, bool]:
+    """(codings before chunked, whether chunked is the final coding) for Transfer-Encoding values.
+
+    Chunked is final exactly when llhttp frames the body as chunked: the last comma-separated
+    token of the last field, spaces trimmed, is `chunked` (tests/test_headers.py checks the two
+    agree). Raises MalformedHeaders when chunked appears anywhere but last: such a body (RFC 9112
+    6.3 item 4, read until close) cannot be re-framed for the client without applying chunked
+    twice, which RFC 9112 7 forbids.
+    """
+    tokens = [t.strip(b" \t").lower() for value in values for t in value.split(b",")]
+    tokens = [t for t in tokens if t]
+    chunked = bool(values) and values[-1].split(b",")[-1].strip(b" ").lower() == b"chunked"
+    codings = tokens[:-1] if chunked else tokens
+    if b"chunked" in codings:
+        raise MalformedHeaders("chunked is not the final transfer coding")
+    return b", ".join(codings), chunked
+
+
+def isolate_cookie(value: bytes, own_host: bytes) -> bytes:
+    """A Set-Cookie value whose Domain attribute is removed unless it names `own_host` itself.
+
+    Without a Domain attribute a cookie is host-only (RFC 6265 5.3 step 6), so a sandbox cannot
+    plant cookies for its siblings under the shared parent domain (cookie tossing). The last
+    Domain attribute is the one a user agent applies (RFC 6265 5.3 step 4); every one that does not
+    name the request's own host is removed.
+    """
+    parts = value.split(b";")
+    kept = [parts[0]]
+    changed = False
+    for attribute in parts[1:]:
+        name, _, domain = attribute.partition(b"=")
+        if name.strip().lower() == b"domain":
+            if domain.strip().lstrip(b".").lower() != own_host:
+                changed = True
+                continue
+        kept.append(attribute)
+    return b";".join(kept) if changed else value
+
+
+def host_without_port(host: bytes) -> bytes:
+    """A Host value as a cookie domain compares with it: lower case, no port, no final dot."""
+    host = host.strip(b" \t").lower()
+    if host.startswith(b"["):
+        return host[:host.find(b"]") + 1]
+    name, colon, _ = host.rpartition(b":")
+    return (name if colon else host).rstrip(b".")
+
+
+def scan_response_headers(headers: Iterable[tuple[bytes, bytes]],
+                          request_host: bytes | None = None) -> ResponseHeaders:
+    """Forwardable response header lines plus the framing facts the proxy needs.
+
+    Content-Length and Transfer-Encoding are never among the lines: the relay writes the framing
+    it uses towards the client. With `request_host` (the Host the client sent), Set-Cookie Domain
+    attributes naming anything but that host are removed (see isolate_cookie).
+    """
+    own_host = None
     lines: list[bytes] = []
     names: list[bytes] = []
     connection: list[bytes] = []
-    content_length = chunked = event_stream = False
+    codings: list[bytes] = []
+    content_length = event_stream = False
     upgrade = None
     length = -1
     for name, value in headers:
@@ -187,26 +291,39 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHea
             if lname == b"connection":
                 connection.append(value)
             elif lname == b"transfer-encoding":
-                chunked = chunked or value.strip().lower().endswith(b"chunked")
+                codings.append(value)
             elif lname == b"upgrade":
                 upgrade = value
             continue
         if lname == b"content-length":
             content_length = True
             length = int(value)
-        elif lname == b"content-type":
+            continue
+        if lname == b"content-type":
             event_stream = value[:17].lower() == b"text/event-stream"
+        elif lname == b"set-cookie" and request_host is not None:
+            if own_host is None:
+                own_host = host_without_port(request_host)
+            value = isolate_cookie(value, own_host)
         names.append(lname)
         lines.append(name + b": " + value + b"\r\n")
     if connection:
         drop = _named_by_connection(connection)
         if drop:
             lines = [line for lname, line in zip(names, lines) if lname not in drop]
-    return ResponseHeaders(lines, content_length, chunked, upgrade, event_stream, length)
+    coding_list, chunked = response_transfer_codings(codings) if codings else (b"", False)
+    return ResponseHeaders(lines, content_length, chunked, coding_list, upgrade, event_stream,
+                           length)
 
 
-def trailer_lines(trailers: list[tuple[bytes, bytes]]) -> bytes:
-    """Chunked trailer section (forwardable fields only), ending the message."""
-    kept = [name + b": " + value + b"\r\n" for name, value in trailers
-            if name.lower() not in HOP_BY_HOP and name.lower() != b"content-length"]
+def trailer_lines(trailers: list[tuple[bytes, bytes]],
+                  private: frozenset[bytes] = frozenset()) -> bytes:
+    """Chunked trailer section, ending the message: fields a trailer may not carry (framing,
+    routing, hop-by-hop, forwarding, RFC 9110 6.5.1) and `private` ones are dropped, under any
+    spelling."""
+    kept = []
+    for name, value in trailers:
+        lname = name.lower().replace(b"_", b"-")
+        if lname not in _SPECIAL and lname not in private:
+            kept.append(name + b": " + value + b"\r\n")
     return b"".join(kept)

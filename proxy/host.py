@@ -21,6 +21,16 @@ class SandboxAddress(NamedTuple):
 
 
 SANDBOX_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")  # ^[a-z0-9]+$
+# What a Host may contain here: DNS names, a :port, bracketed IPv6 literals. Anything else (non-ASCII
+# such as \xa0, which str.strip() and str.lower() would quietly fold away, percent-encoding, `@`)
+# is refused before any other rule looks at it.
+HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
+_HOST_BYTES = "".join(sorted(HOST_CHARS)).encode()
+
+
+def host_chars_valid(raw_host: bytes) -> bool:
+    """Whether a Host value (spaces or tabs around it allowed) uses only HOST_CHARS."""
+    return not raw_host.strip(b" \t").translate(None, _HOST_BYTES)
 
 
 def normalize_domain(domain: str) -> str:
@@ -51,7 +61,10 @@ def parse_sandbox_host(raw_host: str, domains: Iterable[str]) -> SandboxAddress:
 
     `domains` must already be normalized (see normalize_domain); a set makes the check O(1).
     """
-    host = strip_host_port(raw_host.strip().lower())
+    host = raw_host.strip(" \t")
+    if not HOST_CHARS.issuperset(host):
+        raise BadHost("host has characters outside [A-Za-z0-9.:-]")
+    host = strip_host_port(host.lower())
     if host.endswith("."):
         host = host[:-1]
     label, dot, domain = host.partition(".")

@@ -98,19 +98,19 @@ class ExchangeLifecycle:
         if ex.close_after or self.closing:
             self.linger_close()
             return
-        if self.upgrade_rest is not None:  # an upgrade was refused: what followed is HTTP again
-            early, self.upgrade_rest = b"".join(self.upgrade_rest), None
-            self.gate.resume(WAITING_UPSTREAM)
-            if early:
-                self.data_received(early)
-                return
+        if ex is self.upgrading:  # refused: what followed the upgrade request is HTTP again
+            self.release_held()
+            return
         queued = self.queued
         if queued:
             nxt = self.active = queued.popleft()
             if not queued and self.pending_error is None:
                 self.gate.resume(WAITING_TURN)
             if nxt.method:  # its head is complete
-                self.dispatch(nxt)
+                if self.feeding:
+                    self.ready = nxt  # llhttp has not finished with this read yet
+                else:
+                    self.dispatch(nxt)
         elif self.pending_error is not None:
             error, self.pending_error = self.pending_error, None
             self.answer(Exchange(), error)  # a BadRequest: it closes

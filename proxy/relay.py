@@ -15,17 +15,20 @@ never overtake each other.
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from proxy import errors
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Exchange
 from proxy.flow import WAITING_UPSTREAM, reset
-from proxy.headers import scan_response_headers, trailer_lines
+from proxy.headers import MalformedHeaders, scan_response_headers, trailer_lines
 from proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from proxy.upstream import UpstreamConnection
+
+log = logging.getLogger("sandbox_proxy.relay")
 
 
 class ResponseRelay:
@@ -35,17 +38,21 @@ class ResponseRelay:
 
     def response_head(self, up: "UpstreamConnection", status: int) -> None:
         ex: Exchange = self.active
+        try:
+            scanned = scan_response_headers(
+                up.headers, ex.host if self.ctx.isolate_cookies and status >= 200 else None)
+        except (MalformedHeaders, ValueError) as exc:
+            self.response_invalid(ex, up, str(exc))
+            return
         if status < 200 and status != 101:
             if ex.http11:  # interim (100 Continue, 103 Early Hints): relay, keep waiting
-                lines = scan_response_headers(up.headers).lines
                 self.out.append(b"HTTP/1.1 %d %s\r\n%s\r\n"
-                                % (status, up.status_reason, b"".join(lines)))
+                                % (status, up.status_reason, b"".join(scanned.lines)))
             up.head_seen = False
             return
         up.deadline = 0.0
         ex.response_started = True
         ex.status = status
-        scanned = scan_response_headers(up.headers)
         head = [b"HTTP/1.1 %d %s\r\n" % (status, up.status_reason)]
         head += scanned.lines
         if status == 101:
@@ -60,17 +67,29 @@ class ResponseRelay:
                                  == b"websocket" else "tunnel")
             return
         ex.upstream_reusable = ex.upgrade is None and up.parser.should_keep_alive()
+        # The client's framing, chosen here and written here (RFC 9112 6.3): the backend's
+        # Content-Length and Transfer-Encoding were never among the copied lines.
         if ex.method == b"HEAD" or status == 204 or status == 304:
             mode = BODY_NONE
-        elif scanned.content_length and not scanned.chunked:
+            if scanned.content_length and status != 204:  # what a GET would have had (9110 8.6)
+                head.append(b"Content-Length: %d\r\n" % scanned.length)
+        elif scanned.content_length and not scanned.chunked and not scanned.codings:
             mode = BODY_LENGTH
             up.body_left = scanned.length  # the rest of the body bypasses the parser
+            head.append(b"Content-Length: %d\r\n" % scanned.length)
         else:
             ex.upstream_until_close = not scanned.chunked
-            mode = BODY_CHUNKED if ex.http11 else BODY_UNTIL_CLOSE
+            if not ex.http11:
+                if scanned.codings:  # an HTTP/1.0 client cannot be sent a transfer coding
+                    ex.response_started = False
+                    self.response_invalid(ex, up, "transfer coding for an HTTP/1.0 client")
+                    return
+                mode = BODY_UNTIL_CLOSE
+            else:
+                mode = BODY_CHUNKED
+                head.append(b"Transfer-Encoding: " + scanned.codings + b", chunked\r\n"
+                            if scanned.codings else b"Transfer-Encoding: chunked\r\n")
         ex.body_mode = mode
-        if mode == BODY_CHUNKED:
-            head.append(b"Transfer-Encoding: chunked\r\n")
         if not ex.keep_alive or mode == BODY_UNTIL_CLOSE or ex.close_after or self.ctx.draining:
             ex.close_after = True
             head.append(b"Connection: close\r\n\r\n")
@@ -83,6 +102,15 @@ class ResponseRelay:
         if ex.method == b"HEAD":
             up.skip_response_body()
             self.response_complete(up)
+
+    def response_invalid(self, ex: Exchange, up: "UpstreamConnection", reason: str) -> None:
+        """A response head the proxy will not relay: the client gets a 502, the backend
+        connection is dropped."""
+        log.info("invalid response from %s:%s of sandbox %s: %s", up.pool.host, up.pool.port,
+                 up.pool.sandbox_id, reason)
+        self.unbind(ex, up, reuse=False)
+        ex.outcome = "upstream_invalid"
+        self.answer(ex, errors.UpstreamInvalid(ex.sandbox_id, ex.port))
 
     def response_body(self, body: bytes) -> None:
         ex = self.active
@@ -185,7 +213,8 @@ class ResponseRelay:
         if rest:
             self.out.append(rest)
         self.flush_out()
-        early, self.upgrade_rest = self.upgrade_rest, None
+        early, self.held = self.held, None
+        self.upgrading = None
         for data in early or ():
             if data:
                 up.transport.write(data)

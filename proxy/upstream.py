@@ -61,11 +61,15 @@ class BackendPolicy:
         return None
 
 
+class UnsolicitedResponse(Exception):
+    """The backend sent response bytes that no request of this connection asked for."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "client", "tunnel_peer", "status_reason",
                  "headers", "trailers", "deadline", "reused", "responded", "closed",
                  "reading_paused", "head_seen", "tunnel_out", "quiet_bytes",
-                 "body_left")
+                 "body_left", "feeding", "parked")
 
     def __init__(self, pool: "UpstreamPool"):
         self.pool = pool
@@ -90,6 +94,13 @@ class UpstreamConnection(asyncio.Protocol):
         # Content-Length body bytes still to come once the body has started: they are relayed
         # as they arrive, without parsing or copying them (see relay_body).
         self.body_left = 0
+        # One read from the backend is handled whole before the connection may serve another
+        # request: a response that completes mid-read is `parked` instead of pooled, and pooled
+        # only if nothing followed it in that read. Bytes after a complete response are a
+        # response nobody asked for (it would answer the next client's request): the connection
+        # is closed instead (RFC 9112 9.3.2 pairs responses with requests by order alone).
+        self.feeding = False
+        self.parked = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,8 +118,10 @@ class UpstreamConnection(asyncio.Protocol):
         if client is None:  # an idle backend must not speak; drop the connection
             self.close()
             return
+        self.feeding = True
         if self.body_left:
             self.relay_body(client, data)
+            self.end_read()
             return
         self.responded = True
         self.quiet_bytes += len(data)
@@ -124,12 +137,24 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserUpgrade as exc:
             client.upstream_upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
-            log.info("invalid response from %s:%s: %s", self.pool.host, self.pool.port, exc)
+            if isinstance(exc.__context__, UnsolicitedResponse):
+                log.warning("backend %s:%s of sandbox %s sent a response nobody asked for; "
+                            "connection closed", self.pool.host, self.pool.port,
+                            self.pool.sandbox_id)
+            else:
+                log.info("invalid response from %s:%s: %s", self.pool.host, self.pool.port, exc)
             if self.client is not None:
                 self.client.upstream_lost(self)
             self.close()
         finally:
             client.flush_out()  # one write for everything this read produced
+            self.end_read()
+
+    def end_read(self) -> None:
+        self.feeding = False
+        if self.parked:
+            self.parked = False
+            self.pool.release(self)
 
     def eof_received(self) -> bool | None:
         if self.tunnel_peer is not None and self.client is not None:
@@ -155,6 +180,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.client is None:
+            raise UnsolicitedResponse()
         self.body_left = 0
         self.headers = []
         self.trailers = None
@@ -174,10 +201,14 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.head_seen = True
         self.quiet_bytes = 0
+        if self.client is None:
+            raise UnsolicitedResponse()
         self.client.response_head(self, self.parser.get_status_code())  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
         self.quiet_bytes = 0
+        if self.client is None:  # e.g. body bytes after a HEAD response, or an abandoned one
+            raise UnsolicitedResponse()
         if self.body_left:
             self.body_left -= len(body)
         self.client.response_body(body)
@@ -194,9 +225,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.body_left = 0
             client.response_body(data if len(data) == left else data[:left])
             self.parser = HttpResponseParser(self)
-            client.response_complete(self)
             if len(data) > left:  # bytes after the response nobody asked for
-                self.close()
+                log.warning("backend %s:%s of sandbox %s sent a response nobody asked for; "
+                            "connection closed", self.pool.host, self.pool.port,
+                            self.pool.sandbox_id)
+                self.close()  # before the exchange ends: it must not go back to the pool
+            client.response_complete(self)
         client.flush_out()  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
@@ -259,6 +293,9 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange finished cleanly; keep it if there is room."""
         conn.client = None
+        if conn.feeding:  # mid-read: pooled once the rest of the read is known to be empty
+            conn.parked = True
+            return
         conn.responded = False
         if conn.reading_paused:
             conn.resume_reading()
