@@ -11,6 +11,9 @@ proxy/admin_openapi.json, served at `GET /openapi.json`:
 - `GET /sandboxes?limit=100&after=<id>`: a page in id order and `next` (the `after` of the next
   page, null on the last).
 - `DELETE /sandboxes/{id}`: 204, or 404. Connections to the sandbox are closed at once.
+- `POST /sandboxes/{id}/shares`: body `{"port": 3000, "ttl": 3600}` (optional `scheme`,
+  `domain`); answers 201 with the share link (`url`, `token`, `expires`, `epoch`), see
+  proxy/share.py. 409 while `[access] share_key` is not set.
 
 Writes go to the registry's own store (memory for static, Redis for redis); a read-only kind
 answers 405. A store that cannot be reached answers 503 `registry unavailable`.
@@ -21,10 +24,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 
 from aiohttp import web
 
+from proxy import share
 from proxy.config import ProxyConfig
 from proxy.registry import Registry
 from proxy.registry.record import RECORD_KEYS, SandboxRecord, record_from_mapping
@@ -37,6 +42,7 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 REGISTRY_KEY = web.AppKey("registry", object)
 TOKEN_KEY = web.AppKey("token", bytes)
+CONFIG_KEY = web.AppKey("config", object)
 
 
 def problem(status: int, message: str, field: str | None = None, **extra) -> web.Response:
@@ -155,15 +161,52 @@ def _read_only(registry: Registry) -> web.Response:
     return response
 
 
-def admin_app(registry: Registry, token: str) -> web.Application:
+async def create_share(request: web.Request) -> web.Response:
+    sandbox_id = _sandbox_id(request)
+    config = request.app[CONFIG_KEY]
+    key = config.access.share_key if config is not None else ""
+    if not key:
+        return problem(409, "share links are off: set [access] share_key")
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError as exc:
+        return problem(400, f"the body must be JSON: {exc}", "body")
+    if not isinstance(body, dict):
+        return problem(400, "the body must be a JSON object", "body")
+    unknown = sorted(set(body) - {"port", "ttl", "scheme", "domain"})
+    if unknown:
+        return problem(400, f"{unknown[0]}: unknown key", unknown[0])
+    scheme = body.get("scheme", "https")
+    found = share.check_request(body.get("port"), body.get("ttl"), scheme)
+    if found is not None:
+        return problem(400, found, found.partition(":")[0])
+    domain = body.get("domain", sorted(config.server.domains)[0])
+    if domain not in config.server.domains:
+        return problem(400, "domain: not one of [server] domains", "domain")
+    record = await _registry(request).get(sandbox_id)
+    if record is None:
+        return problem(404, "sandbox not found", id=sandbox_id)
+    expires = int(time.time()) + body["ttl"]
+    token = share.mint(key.encode(), sandbox_id, body["port"], expires, record.share_epoch)
+    log.info("admin: share link for %s port %d until %d", sandbox_id, body["port"], expires)
+    return web.json_response({"url": share.share_url(scheme, domain, sandbox_id, body["port"],
+                                                     token),
+                              "token": token, "expires": expires, "port": body["port"],
+                              "epoch": record.share_epoch}, status=201)
+
+
+def admin_app(registry: Registry, token: str,
+              config: ProxyConfig | None = None) -> web.Application:
     app = web.Application(middlewares=[require_token, store_errors], client_max_size=MAX_BODY)
     app[REGISTRY_KEY] = registry
     app[TOKEN_KEY] = token.encode()
+    app[CONFIG_KEY] = config
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/sandboxes", list_sandboxes)
     app.router.add_put("/sandboxes/{id}", put_sandbox)
     app.router.add_get("/sandboxes/{id}", get_sandbox)
     app.router.add_delete("/sandboxes/{id}", delete_sandbox)
+    app.router.add_post("/sandboxes/{id}/shares", create_share)
     return app
 
 
@@ -172,7 +215,7 @@ async def start_admin(config: ProxyConfig, registry: Registry) -> web.AppRunner 
     admin = config.admin
     if admin.listen is None or admin.token is None:
         return None
-    runner = web.AppRunner(admin_app(registry, admin.token), access_log=None)
+    runner = web.AppRunner(admin_app(registry, admin.token, config), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, admin.listen.host, admin.listen.port).start()
     log.info("admin API on %s (%s registry%s)", admin.listen, registry.kind,

@@ -1,4 +1,5 @@
-"""Command line: `sandbox-proxy --config PATH [--listen HOST:PORT]`.
+"""Command line: `sandbox-proxy --config PATH [--listen HOST:PORT]`, and
+`sandbox-proxy share ...` (proxy/share_cli.py) to mint share links.
 
 Exit status 2 means the configuration or registry file is unusable; the message names the file,
 the key and the problem.
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["share"]:
+        from proxy.share_cli import main as share_main
+        return share_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

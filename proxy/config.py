@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from proxy.host import normalize_domain
+from proxy.share import MIN_KEY_BYTES as MIN_SHARE_KEY_BYTES
 
 
 class ConfigError(Exception):
@@ -135,6 +136,14 @@ class AccessConfig:
     cookie_name: str = "sandbox-access-token"
     query_parameter: str = "access_token"
     isolate_cookies: bool = True
+    share_key: str = ""  # signs share links (proxy/share.py); "" = share links off
+
+
+@dataclass(frozen=True)
+class ActivityConfig:
+    url: str | None = None  # webhook receiving the batched activity report; None = off
+    interval: float = 30.0  # seconds between reports
+    redis: bool = False     # write <prefix><id>:activity keys instead (Redis registry only)
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ class ProxyConfig:
     access: AccessConfig = field(default_factory=AccessConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    activity: ActivityConfig = field(default_factory=ActivityConfig)
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -266,6 +276,7 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
         "access": _parse_access,
         "routing": _parse_routing,
         "log": _parse_log,
+        "activity": _parse_activity,
     }
     sections: dict[str, Any] = {}
     for name, table in data.items():
@@ -281,7 +292,20 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
         except ValueError as exc:
             raise ConfigError(f"--listen: {exc}") from None
         sections["server"] = replace(sections["server"], listen=listen)
+    if sections["activity"].redis and sections["registry"].kind != "redis":
+        raise ConfigError(f"{source}: [activity] redis: needs [registry] kind = \"redis\"")
     return ProxyConfig(source=source_path, **sections)
+
+
+def _parse_activity(s: _Section) -> ActivityConfig:
+    d = ActivityConfig()
+    config = ActivityConfig(
+        url=s.get("url", "", str, lambda v: None if not v else _check_http_url(v)) or None,
+        interval=s.number("interval", d.interval, minimum=0.05),
+        redis=s.get("redis", d.redis, bool),
+    )
+    s.finish({"url", "interval", "redis"})
+    return config
 
 
 def _parse_tls(s: _Section, base_dir: Path) -> TlsConfig:
@@ -517,12 +541,22 @@ def _parse_access(s: _Section) -> AccessConfig:
         forward_token=s.get("forward_token", d.forward_token, bool),
         browser_cookie=s.get("browser_cookie", d.browser_cookie, bool),
         isolate_cookies=s.get("isolate_cookies", d.isolate_cookies, bool),
+        share_key=_share_key(s),
         cookie_name=s.get("cookie_name", d.cookie_name, str, _header_name),
         query_parameter=s.get("query_parameter", d.query_parameter, str, _header_name),
     )
     s.finish({"token_header", "exempt_ports", "forward_token", "browser_cookie", "isolate_cookies",
-              "cookie_name", "query_parameter"})
+              "cookie_name", "query_parameter", "share_key"})
     return config
+
+
+def _share_key(s: _Section) -> str:
+    """`share_key`, or the SANDBOX_PROXY_SHARE_KEY environment variable, which wins (a secret
+    belongs in the environment of a container, not in a mounted file)."""
+    key = os.environ.get("SANDBOX_PROXY_SHARE_KEY") or s.get("share_key", "", str)
+    if key and len(key.encode()) < MIN_SHARE_KEY_BYTES:
+        raise s.fail("share_key", f"must be at least {MIN_SHARE_KEY_BYTES} bytes (or empty)")
+    return key
 
 
 def _parse_routing(s: _Section) -> RoutingConfig:

@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 from dataclasses import dataclass, field
 
+from proxy import share
 from proxy.accesslog import AccessLog
 from proxy.config import ProxyConfig
 from proxy.registry import Registry
@@ -30,8 +31,11 @@ class EdgeContext:
     connections: set = field(default_factory=set)
     # sandbox id -> requests in flight + open streams (only when limits.sandbox_connections > 0)
     sandbox_slots: dict = field(default_factory=dict)
+    # sandbox id -> loop time of its last forwarded request ([activity] reporting), None: off
+    activity_seen: dict | None = None
 
     def __post_init__(self) -> None:
+        self.can_resume = hasattr(self.registry, "resume")  # [registry] resume_url is set
         self.apply(self.config)
 
     def apply(self, c: ProxyConfig) -> None:
@@ -53,9 +57,16 @@ class EdgeContext:
         # request headers never forwarded: the token, unless the operator asks for it
         self.private_headers = (frozenset() if c.access.forward_token
                                 else frozenset({self.token_header}))
-        # the browser-token cookie is removed from what backends see
-        self.strip_cookie = (c.access.cookie_name.encode()
-                             if c.access.browser_cookie and not c.access.forward_token else None)
+        self.cookie_name = c.access.cookie_name.encode()
+        self.query_parameter = c.access.query_parameter.encode()
+        self.share_key = c.access.share_key.encode() if c.access.share_key else None
+        # credential cookies are removed from what backends see
+        strip = []
+        if c.access.browser_cookie and not c.access.forward_token:
+            strip.append(self.cookie_name)
+        if self.share_key is not None:
+            strip.append(share.COOKIE_NAME)
+        self.strip_cookies = tuple(strip)
         self.isolate_cookies = c.access.isolate_cookies
         self.header_routing = c.routing.header_routing
         self.sandbox_id_header = c.routing.sandbox_id_header.lower().encode()

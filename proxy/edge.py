@@ -23,7 +23,7 @@ from proxy.context import EdgeContext
 from proxy.exchange import Exchange, admit, route_request
 from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, reset
 from proxy.headers import trailer_lines
-from proxy.registry.resume import ResumeFailed
+from proxy.registry.resume import ResumeFailed, ResumeRefused
 from proxy.lifecycle import PROBE_SECONDS, ExchangeLifecycle
 from proxy.relay import ResponseRelay
 from proxy.tunnel import Tunnel
@@ -218,6 +218,9 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_lost()
             if ex is not None:
+                seen = self.ctx.activity_seen
+                if seen is not None:  # the report after a stream ends still names it
+                    seen[ex.sandbox_id] = self.loop.time()
                 ex.bytes_in, ex.bytes_out = self.tunnel_in, self.tunnel.upstream.tunnel_out
                 self.ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
                 self.exchange_ended(ex)
@@ -392,6 +395,9 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
                 self.answer(ex, errors.SandboxBusy(ex.sandbox_id, self.ctx.sandbox_limit))
                 return
             self.slot = ex.sandbox_id
+        if ex.resume:  # admitted; the sandbox must be woken first
+            self.routing = self.loop.create_task(self.finish_resume(ex))
+            return
         self.connect_to_backend(ex, fresh=False)
 
     def connect_to_backend(self, ex: Exchange, fresh: bool) -> None:
@@ -409,9 +415,6 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             record = await ex.lookup
         except asyncio.CancelledError:
             raise
-        except ResumeFailed as exc:
-            log.warning("%s", exc)
-            record = errors.ResumeFailed(ex.sandbox_id)
         except Exception as exc:
             registry_warnings.warn("registry look-up of %s failed: %s", ex.sandbox_id, exc)
             record = errors.RegistryUnavailable(ex.sandbox_id)
@@ -427,6 +430,36 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             admit(self.ctx, ex, record, self.client_ip, self.trusted)
         except errors.ProxyError as exc:
             ex.error = exc.with_traceback(None)
+        self.dispatch(ex)
+
+    async def finish_resume(self, ex: Exchange) -> None:
+        """Wake the admitted request's sandbox, then admit the request again (the running
+        record may point elsewhere) and send it on."""
+        record = ex.record
+        try:
+            woken = await self.ctx.registry.resume(ex.sandbox_id, ex.port, record.state)
+            if woken is None:
+                raise errors.SandboxNotFound(ex.sandbox_id)
+            if not self.closed and self.active is ex:
+                admit(self.ctx, ex, woken, self.client_ip, self.trusted)
+            if ex.resume:  # paused again already
+                raise errors.ResumeFailed(ex.sandbox_id)
+        except asyncio.CancelledError:
+            raise
+        except errors.ProxyError as exc:
+            ex.error = exc.with_traceback(None)
+        except ResumeRefused as exc:
+            ex.error = (errors.ResumeForbidden(ex.sandbox_id) if exc.status == 403
+                        else errors.ResumeRateLimited(ex.sandbox_id, exc.retry_after))
+        except ResumeFailed as exc:
+            log.warning("%s", exc)
+            ex.error = errors.ResumeFailed(ex.sandbox_id)
+        except Exception as exc:
+            registry_warnings.warn("resume of %s failed: %s", ex.sandbox_id, exc)
+            ex.error = errors.RegistryUnavailable(ex.sandbox_id)
+        self.routing = None
+        if self.closed or self.active is not ex:
+            return
         self.dispatch(ex)
 
     async def connect(self, ex: Exchange, pool) -> None:
@@ -453,6 +486,9 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         self.bind(ex, conn)
 
     def bind(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        seen = self.ctx.activity_seen
+        if seen is not None:
+            seen[ex.sandbox_id] = self.loop.time()
         conn.client = self
         ex.upstream = self.upstream = conn
         if self.writing_paused:

@@ -95,6 +95,24 @@ class ResumeFailed(ProxyError):
         super().__init__("The sandbox could not be resumed in time", sandbox_id)
 
 
+class ResumeForbidden(ProxyError):
+    """The control plane refused to resume the sandbox for this request (its webhook said 403)."""
+    status = 403
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("You do not have permission to resume this sandbox", sandbox_id)
+
+
+class ResumeRateLimited(ProxyError):
+    """The control plane asked to slow down (its webhook said 429); its Retry-After is passed on."""
+    status = 429
+
+    def __init__(self, sandbox_id: str, retry_after: str | None):
+        super().__init__("Too many resume requests for this sandbox", sandbox_id)
+        if retry_after and retry_after.strip().isdigit():
+            self.headers = (b"Retry-After: " + retry_after.strip().encode() + b"\r\n",)
+
+
 class AccessDenied(ProxyError):
     status = 403
 
@@ -102,6 +120,11 @@ class AccessDenied(ProxyError):
     def missing(cls, sandbox_id: str, header: str) -> "AccessDenied":
         return cls(f"Sandbox is secured with traffic access token. Token header '{header}' "
                    "is missing", sandbox_id)
+
+    @classmethod
+    def share_invalid(cls, sandbox_id: str) -> "AccessDenied":
+        return cls("Sandbox is secured with traffic access token. The share link is invalid, "
+                   "expired or revoked", sandbox_id)
 
     @classmethod
     def invalid(cls, sandbox_id: str, header: str) -> "AccessDenied":
@@ -132,6 +155,44 @@ class BackendNotAllowed(ProxyError):
 
     def __init__(self, sandbox_id: str):
         super().__init__("The sandbox was not found", sandbox_id)  # the reason goes to the log
+
+
+class SandboxPaused(ProxyError):
+    """Paused, and no resume will be attempted for this request."""
+    status = 409
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("The sandbox is paused", sandbox_id, canAutoResume=False)
+
+
+class SandboxTransitioning(ProxyError):
+    """Pausing or resuming, and auto-resume is not waiting for it."""
+    status = 409
+
+    def __init__(self, sandbox_id: str):
+        super().__init__("The sandbox is still transitioning. Try again in a moment.", sandbox_id)
+
+
+class ClientNotAllowed(ProxyError):
+    """The client's address is outside the sandbox's `allowed_clients` for this port."""
+    status = 403
+
+    def __init__(self, sandbox_id: str, client_ip: str, port: int):
+        super().__init__(f"Access denied: client {client_ip} is not allowed to reach port {port} "
+                         "on this sandbox", sandbox_id, port, clientIp=client_ip)
+
+    def json_body(self) -> dict:  # the reference's field order
+        return {"sandboxId": self.sandbox_id, "clientIp": self.extra["clientIp"],
+                "port": self.port, "message": self.message, "code": self.status}
+
+
+class PathBlocked(ProxyError):
+    """The path is reserved for the control plane on this port (the record's blocked_paths)."""
+    status = 404
+
+    def __init__(self, path: str):
+        super().__init__("This endpoint is reserved for the control plane and is not reachable "
+                         "through the sandbox URL", path=path)
 
 
 class SandboxNotFound(ProxyError):
@@ -214,6 +275,30 @@ _HTML_PAGE = """<!DOCTYPE html>
 h1{{font-size:1.4rem}}code{{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}}</style></head>
 <body><h1>{message}</h1><p>{detail}</p><p><small>{status} {phrase}</small></p></body></html>
 """
+
+
+PREFLIGHT_MAX_AGE = 600  # seconds a browser may cache the proxy's own preflight answer
+
+
+def render_preflight(request_headers: bytes | None, *, close: bool) -> bytes:
+    """The proxy's answer to a CORS preflight it must answer itself (no sandbox can): 204 with the
+    same open CORS policy as every error, so the browser goes on to send the real request and
+    can read the proxy's JSON answer to it. `request_headers` is the preflight's
+    Access-Control-Request-Headers, echoed (a field-value the client sent: only visible ASCII
+    and spaces are kept)."""
+    head = [b"HTTP/1.1 204 No Content\r\n",
+            b"Access-Control-Allow-Origin: *\r\n",
+            b"Access-Control-Allow-Methods: *\r\n"]
+    if request_headers:
+        echoed = bytes(c for c in request_headers if 32 <= c < 127)
+        if echoed.strip():
+            head.append(b"Access-Control-Allow-Headers: " + echoed.strip() + b"\r\n")
+    head.append(b"Access-Control-Max-Age: %d\r\n" % PREFLIGHT_MAX_AGE)
+    head.append(b"Cache-Control: no-store\r\n")
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head)
 
 
 def render_error(error: ProxyError, *, html_page: bool, head_only: bool, close: bool) -> bytes:

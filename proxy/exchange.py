@@ -12,16 +12,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import time
 import urllib.parse
 from typing import TYPE_CHECKING, Awaitable
 
-from proxy import errors
+from proxy import errors, share
+from proxy.blocked_paths import blocked_prefix
+from proxy.connect_rpc import EnvelopeTracker
 from proxy.headers import (MalformedHeaders, RequestHeaders, UnsupportedTransferCoding,
                            build_request_head, cookie_value, forwarding_lines,
                            scan_request_headers, without_cookie)
 from proxy.host import (BadHost, SandboxAddress, host_chars_valid, parse_sandbox_host,
                         strip_host_port)
 from proxy.registry import SandboxRecord
+from proxy.registry.record import TRANSITIONS
 
 if TYPE_CHECKING:
     from proxy.context import EdgeContext
@@ -43,6 +47,7 @@ class Exchange:
         "request_done", "upstream", "retried", "response_started", "response_done", "status",
         "body_mode", "upstream_until_close", "upstream_reusable", "close_after", "discard",
         "started", "bytes_in", "bytes_out", "connect_time", "protocol", "outcome", "ended",
+        "envelopes", "resume",
     )
 
     def __init__(self) -> None:
@@ -86,6 +91,8 @@ class Exchange:
         self.protocol = "http"  # http | sse | websocket | tunnel
         self.outcome = "ok"
         self.ended = False      # accounted for (metrics, access log)
+        self.envelopes: EnvelopeTracker | None = None  # a Connect streaming response's framing
+        self.resume = False  # admitted to a sandbox that must be woken before it is served
 
     @property
     def retryable(self) -> bool:
@@ -195,14 +202,34 @@ def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: b
 
 def admit(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, client_ip: bytes,
           trusted: bool) -> None:
-    """The per-sandbox steps: running, token, then the head the backend will see."""
-    if record.paused:
-        raise errors.SandboxNotFound(ex.sandbox_id)
-    if record.token_sha256 is not None and ex.port not in ctx.exempt_ports:
+    """The per-sandbox steps: running, ingress rules, token, then the head the backend sees.
+
+    Every step that can refuse the request runs before a sandbox that is not running is woken:
+    such a record is admitted with `ex.resume` set, and admitted again once it runs."""
+    if record.paused and not (record.auto_resume and ctx.can_resume):
+        if record.state in TRANSITIONS:
+            raise errors.SandboxTransitioning(ex.sandbox_id)
+        raise errors.SandboxPaused(ex.sandbox_id)
+    if record.allowed_clients is not None:
+        address = real_client_address(ctx, ex, client_ip, trusted)
+        if not record.client_allowed(ex.port, address):
+            raise errors.ClientNotAllowed(ex.sandbox_id, str(address or client_ip.decode()),
+                                          ex.port)
+    if record.blocked_paths is not None:
+        prefixes = record.blocked_paths.get(ex.port)
+        if prefixes and blocked_prefix(ex.target, prefixes) is not None:
+            raise errors.PathBlocked(ex.target.partition(b"?")[0].decode("latin-1"))
+    if record.token_sha256 is not None and ex.port not in (
+            ctx.exempt_ports if record.public_ports is None else record.public_ports):
         check_token(ctx, ex, record, trusted)
+    if record.paused:
+        ex.resume = True
+        ex.record = record
+        return
+    ex.resume = False
     scanned = ex.scanned
-    if ctx.strip_cookie is not None:  # the credential cookie never reaches a backend
-        scanned = scanned._replace(lines=without_cookie(scanned.lines, ctx.strip_cookie))
+    if ctx.strip_cookies:  # credential cookies never reach a backend
+        scanned = scanned._replace(lines=without_cookie(scanned.lines, ctx.strip_cookies))
     ex.record = record
     ex.backend_port = record.backend_port(ex.port)
     masked = record.masked_host(ex.port)
@@ -212,25 +239,77 @@ def admit(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, client_ip: by
         forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted), upgrade=ex.upgrade)
 
 
+def real_client_address(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: bool,
+                        ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's own address: the connection's peer (or its PROXY protocol source), or, when
+    that peer is a trusted proxy, the right-most X-Forwarded-For entry that is not one of ours
+    (entries to its left could be written by anyone)."""
+    try:
+        address = ipaddress.ip_address(client_ip.decode())
+    except ValueError:
+        return None
+    forwarded = ex.scanned.forwarded_for if trusted and ex.scanned is not None else None
+    if forwarded is None:
+        return address
+    for entry in reversed(forwarded.split(b",")):
+        text = entry.strip().decode("latin-1")
+        if text.startswith("[") and "]" in text:
+            text = text[1:text.index("]")]
+        elif text.count(":") == 1:  # IPv4 with a port
+            text = text.partition(":")[0]
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            return None  # an entry we cannot read: no address to grant anything to
+        if not ctx.is_trusted(str(address)):
+            return address
+    return address
+
+
 def _token_matches(token: bytes, record: SandboxRecord) -> bool:
     return hmac.compare_digest(hashlib.sha256(token).digest(), record.token_sha256)
 
 
 def check_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, trusted: bool) -> None:
-    """Raise unless the request carries the sandbox's traffic token.
+    """Raise unless the request carries a credential for the sandbox.
 
-    Every credential a request carries is looked at, whichever else it carries: the token header;
-    with `[access] browser_cookie`, the `?access_token` parameter first (a valid one is answered
-    with the cookie and a redirect without it, TokenAccepted, so it never reaches the backend) and
-    then the cookie. No credential at all is AccessDenied.missing, never a pass.
+    Every credential a request carries is looked at, whichever else it carries. Query parameters
+    first, since they must never reach the backend: with `[access] browser_cookie`,
+    `?access_token=` and, with a `share_key`, `?share=`; a valid one is answered with a cookie and
+    a redirect without it (TokenAccepted), a wrong one is a 403. Then the token header, the token
+    cookie, the share cookie (checked again on every request: expiry, port, epoch). No credential
+    at all is AccessDenied.missing, never a pass.
     """
     header_name = ctx.token_header_name
     access = ctx.config.access
     if access.browser_cookie:
-        _accept_query_token(ctx, ex, record, trusted)
+        values, location = _query_credential(ex.target, ctx.query_parameter)
+        if values:
+            token = values[0]
+            if (any(v != token for v in values) or not token
+                    or not _COOKIE_SAFE.issuperset(token) or not _token_matches(token, record)):
+                raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
+            raise _accepted(ctx, ex, trusted, location, ctx.cookie_name, token)
+    share_key = ctx.share_key
+    if share_key is not None:
+        values, location = _query_credential(ex.target, share.QUERY_PARAMETER)
+        if values:
+            token = values[0]
+            if any(v != token for v in values) or not share.valid(
+                    share_key, token, ex.sandbox_id, ex.port, record.share_epoch, time.time()):
+                raise errors.AccessDenied.share_invalid(ex.sandbox_id)
+            raise _accepted(ctx, ex, trusted, location, share.COOKIE_NAME, token,
+                            max_age=max(0, share.expiry_of(token) - int(time.time())))
     token = ex.header(ctx.token_header)
     if token is None and access.browser_cookie:
-        token = cookie_value(ex.header(b"cookie"), access.cookie_name.encode())
+        token = cookie_value(ex.header(b"cookie"), ctx.cookie_name)
+    if token is None and share_key is not None:
+        shared = cookie_value(ex.header(b"cookie"), share.COOKIE_NAME)
+        if shared is not None:
+            if share.valid(share_key, shared, ex.sandbox_id, ex.port, record.share_epoch,
+                           time.time()):
+                return
+            raise errors.AccessDenied.share_invalid(ex.sandbox_id)
     if token is None:
         raise errors.AccessDenied.missing(ex.sandbox_id, header_name)
     if not _token_matches(token, record):
@@ -250,32 +329,30 @@ def _same_site_path(path: bytes) -> bytes:
     return b"/" + rest if len(rest) != len(path) or not path else path
 
 
-def _accept_query_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord,
-                        trusted: bool) -> None:
-    """`?access_token=T`: a valid T is answered with the cookie and a redirect without it.
+def _query_credential(target: bytes, name: bytes) -> tuple[list[bytes], bytes]:
+    """The values of query parameter `name` and the target without it, as a same-site Location.
 
-    Parameter names are compared percent-decoded (`access%5Ftoken` is the same parameter to the
-    backend's framework); every occurrence is removed from the redirect target."""
-    path, question, query = ex.target.partition(b"?")
+    Names are compared percent-decoded (`access%5Ftoken` is the same parameter to the backend's
+    framework); every occurrence is removed."""
+    path, question, query = target.partition(b"?")
     if not question:
-        return
-    name = ctx.config.access.query_parameter.encode()
-    kept, tokens = [], []
+        return [], target
+    kept, values = [], []
     for pair in query.split(b"&"):
         key, _, value = pair.partition(b"=")
         if _percent_decoded(key) == name:
-            tokens.append(value)
+            values.append(value)
         else:
             kept.append(pair)
-    if not tokens:
-        return
-    token = tokens[0]
-    if (any(t != token for t in tokens) or not token or not _COOKIE_SAFE.issuperset(token)
-            or not _token_matches(token, record)):
-        raise errors.AccessDenied.invalid(ex.sandbox_id, ctx.token_header_name)
-    location = _same_site_path(path) + (b"?" + b"&".join(kept) if kept else b"")
-    cookie = (ctx.config.access.cookie_name.encode() + b"=" + token
-              + b"; Path=/; HttpOnly; SameSite=Lax")
+    return values, _same_site_path(path) + (b"?" + b"&".join(kept) if kept else b"")
+
+
+def _accepted(ctx: "EdgeContext", ex: Exchange, trusted: bool, location: bytes, name: bytes,
+              value: bytes, max_age: int | None = None) -> errors.TokenAccepted:
+    """The redirect that trades a query credential for a host-only HttpOnly cookie."""
+    cookie = name + b"=" + value + b"; Path=/; HttpOnly; SameSite=Lax"
+    if max_age is not None:
+        cookie += b"; Max-Age=%d" % max_age
     if ctx.scheme == b"https" or (trusted and ex.scanned.forwarded_proto == b"https"):
         cookie += b"; Secure"
-    raise errors.TokenAccepted(ex.sandbox_id, location, cookie)
+    return errors.TokenAccepted(ex.sandbox_id, location, cookie)

@@ -158,15 +158,16 @@ def cookie_value(cookie_header: bytes | None, name: bytes) -> bytes | None:
     return None
 
 
-def without_cookie(lines: list[bytes], name: bytes) -> list[bytes]:
-    """Header lines with cookie `name` removed from every Cookie header (dropped when empty)."""
+def without_cookie(lines: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
+    """Header lines with the cookies `names` removed from every Cookie header (dropped when
+    empty)."""
     out = []
     for line in lines:
         if line[:7].lower() != b"cookie:":
             out.append(line)
             continue
         pairs = [p.strip() for p in line[7:-2].split(b";")]
-        kept = [p for p in pairs if p and p.partition(b"=")[0] != name]
+        kept = [p for p in pairs if p and p.partition(b"=")[0].strip() not in names]
         if kept:
             out.append(b"Cookie: " + b"; ".join(kept) + b"\r\n")
     return out
@@ -219,6 +220,7 @@ class ResponseHeaders(NamedTuple):
     upgrade: bytes | None
     event_stream: bool  # Content-Type: text/event-stream (Server-Sent Events)
     length: int         # Content-Length (llhttp has checked it), -1 without one
+    connect_stream: bool  # Content-Type: application/connect+... (Connect streaming RPC)
 
 
 def response_transfer_codings(values: list[bytes]) -> tuple[bytes, bool]:
@@ -282,7 +284,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]],
     names: list[bytes] = []
     connection: list[bytes] = []
     codings: list[bytes] = []
-    content_length = event_stream = False
+    content_length = event_stream = connect_stream = False
     upgrade = None
     length = -1
     for name, value in headers:
@@ -301,6 +303,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]],
             continue
         if lname == b"content-type":
             event_stream = value[:17].lower() == b"text/event-stream"
+            connect_stream = value[:20].lower() == b"application/connect+"
         elif lname == b"set-cookie" and request_host is not None:
             if own_host is None:
                 own_host = host_without_port(request_host)
@@ -313,7 +316,7 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]],
             lines = [line for lname, line in zip(names, lines) if lname not in drop]
     coding_list, chunked = response_transfer_codings(codings) if codings else (b"", False)
     return ResponseHeaders(lines, content_length, chunked, coding_list, upgrade, event_stream,
-                           length)
+                           length, connect_stream)
 
 
 def trailer_lines(trailers: list[tuple[bytes, bytes]],

@@ -1,7 +1,8 @@
 """Host parsing: turns a request's Host header into the sandbox port and id it names.
 
 The rules are those users already rely on (shared/reference/behaviour.md): the first label is
-`<port>-<sandboxId>`, the port a decimal TCP port, the id `^[a-z0-9]+$`; comparison is
+`<port>-<sandboxId>` (or the older `<port>-<sandboxId>-<clientId>`, whose client id is ignored),
+the port a decimal TCP port, the id `^[a-z0-9]+$`; comparison is
 case-insensitive, the Host's own `:port` and a trailing dot are ignored, and what follows the first
 label must be one of the configured base domains. Pure functions only: no I/O, no config objects.
 """
@@ -72,7 +73,9 @@ def parse_sandbox_host(raw_host: str, domains: Iterable[str]) -> SandboxAddress:
         raise BadHost("host has no domain")
     if domain not in domains:
         raise BadHost("domain is not served here")
-    port_text, dash, sandbox_id = label.partition("-")
+    port_text, dash, rest = label.partition("-")
+    # `<port>-<sandboxId>-<clientId>`, the older form: what follows the second `-` is ignored
+    sandbox_id = rest.partition("-")[0]
     if not dash:
         raise BadHost("first label is not <port>-<sandboxId>")
     if not (0 < len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()):

@@ -27,10 +27,20 @@ class ExchangeLifecycle:
         # A body still coming is not waited for: answer, then linger-close.
         close = (error.close or not ex.keep_alive or ex.close_after or self.ctx.draining
                  or (ex.has_body and not ex.request_done))
-        self.out.append(errors.render_error(
-            error, html_page=ex.wants_html(), head_only=ex.method == b"HEAD", close=close))
+        status = error.status
+        if ex.method == b"OPTIONS" and error.status >= 400 and not isinstance(
+                error, errors.BadRequest) and ex.header(b"access-control-request-method"):
+            # A CORS preflight nobody else can answer: let the browser send the real request,
+            # whose answer (ours, with CORS) it can then read. Preflights that reach a live
+            # sandbox are the sandbox's to answer.
+            status = 204
+            self.out.append(errors.render_preflight(ex.header(b"access-control-request-headers"),
+                                                    close=close))
+        else:
+            self.out.append(errors.render_error(
+                error, html_page=ex.wants_html(), head_only=ex.method == b"HEAD", close=close))
         self.flush_out()
-        self.record_response(ex, error.status, "http", "proxy")
+        self.record_response(ex, status, "http", "proxy")
         ex.outcome = type(error).__name__
         ex.response_started = True
         if close:

@@ -20,6 +20,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from proxy import errors
+from proxy.connect_rpc import EnvelopeTracker, end_stream_unavailable
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Exchange
 from proxy.flow import WAITING_UPSTREAM, reset
 from proxy.headers import MalformedHeaders, scan_response_headers, trailer_lines
@@ -90,6 +91,8 @@ class ResponseRelay:
                 head.append(b"Transfer-Encoding: " + scanned.codings + b", chunked\r\n"
                             if scanned.codings else b"Transfer-Encoding: chunked\r\n")
         ex.body_mode = mode
+        if scanned.connect_stream and mode == BODY_CHUNKED and not ex.upstream_until_close:
+            ex.envelopes = EnvelopeTracker()
         if not ex.keep_alive or mode == BODY_UNTIL_CLOSE or ex.close_after or self.ctx.draining:
             ex.close_after = True
             head.append(b"Connection: close\r\n\r\n")
@@ -115,6 +118,8 @@ class ResponseRelay:
     def response_body(self, body: bytes) -> None:
         ex = self.active
         ex.bytes_out += len(body)
+        if ex.envelopes is not None:
+            ex.envelopes.feed(body)
         if ex.body_mode == BODY_CHUNKED:
             self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
@@ -172,6 +177,16 @@ class ResponseRelay:
             if ex.upstream_until_close:  # EOF is how this body ends
                 if ex.body_mode == BODY_CHUNKED:
                     self.out.append(b"0\r\n\r\n")
+                self.flush_out()
+                self.response_done(ex)
+            elif ex.envelopes is not None and ex.envelopes.at_boundary:
+                # A Connect stream cut between envelopes: end it as Connect clients expect
+                # (an `unavailable` error they retry), then end the chunked body cleanly.
+                ex.outcome = "upstream_closed"
+                if not ex.envelopes.ended:
+                    frame = end_stream_unavailable("The sandbox closed the connection")
+                    self.out += (b"%x\r\n" % len(frame), frame, b"\r\n")
+                self.out.append(b"0\r\n\r\n")
                 self.flush_out()
                 self.response_done(ex)
             else:

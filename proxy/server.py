@@ -27,6 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
+from proxy.activity import ActivityReporter
 from proxy.admin import start_admin
 from proxy.config import ConfigError, ListenAddress, ProxyConfig, load_config
 from proxy.context import EdgeContext
@@ -45,7 +46,7 @@ SNAPSHOT_SECONDS = 1.0
 # writer): a change to any of these is reported and takes effect after a restart.
 RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
                 ("server", "proxy_protocol"), ("server", "tls"), ("registry", None),
-                ("metrics", None), ("admin", None), ("log", "access"))
+                ("metrics", None), ("admin", None), ("log", "access"), ("activity", None))
 
 
 def install_event_loop_policy() -> None:
@@ -126,6 +127,10 @@ class Worker:
         sweeper.start()
         background = [loop.create_task(self._every(SNAPSHOT_SECONDS, self.write_snapshot))
                       if self.snapshot_path else None]
+        activity = None
+        if config.activity.url is not None or config.activity.redis:
+            activity = ActivityReporter(ctx, config.activity, self.registry)
+            background.append(loop.create_task(activity.run()))
         if self.certificates and config.server.tls.reload_interval > 0:
             background.append(loop.create_task(
                 self._every(config.server.tls.reload_interval, self.reload_certificates)))
@@ -140,6 +145,14 @@ class Worker:
         for task in background:
             if task is not None:
                 task.cancel()
+        if activity is not None:  # what the last interval saw, once, briefly
+            try:
+                async with asyncio.timeout(2):
+                    await activity.report_once()
+            except TimeoutError:
+                pass
+            if activity.session is not None:
+                await activity.session.close()
         pools.close_idle()
         sweeper.stop()
         await self.registry.close()

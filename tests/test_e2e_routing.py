@@ -40,7 +40,8 @@ BAD_HOSTS = [
     pytest.param("+3000-demo.localhost", id="port-with-plus"),
     pytest.param("3_000-demo.localhost", id="port-with-underscore"),
     pytest.param("3000-de_mo.localhost", id="id-underscore"),
-    pytest.param("3000-de-mo.localhost", id="id-dash"),
+    # "3000-de-mo" is the older <port>-<id>-<clientId> form since issue 13 (tests/test_parity.py)
+    pytest.param("3000-d%2d-mo.localhost", id="id-dash-encoded"),
     pytest.param("3000-dem%6f.localhost", id="id-percent"),
     pytest.param("3000-demo.other.test", id="unknown-domain"),
     pytest.param("3000-demo.xlocalhost", id="domain-suffix-only"),

@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 from proxy.host import BadHost, SandboxAddress, parse_sandbox_host
 
-DOMAINS = frozenset({"localhost", "example.app"})
+DOMAINS = frozenset({"localhost", "example.app", "e2b.dev"})
 
 
 @pytest.mark.parametrize("host, expected", [
@@ -17,6 +17,11 @@ DOMAINS = frozenset({"localhost", "example.app"})
     ("1-a.example.app", (1, "a")),
     ("65535-i62mff4ahtrdfdkyn2esc.example.app", (65535, "i62mff4ahtrdfdkyn2esc")),
     ("  8080-x1.example.app  ", (8080, "x1")),
+    # the older form with a client id: everything after the second `-` is ignored
+    ("3000-ip3nfrvajtqu5ktoxugc7-b0b684e9.e2b.dev", (3000, "ip3nfrvajtqu5ktoxugc7")),
+    ("49983-isv6ril5xadwn1k9t2jye-6532622b.example.app", (49983, "isv6ril5xadwn1k9t2jye")),
+    ("3000-demo-b0b684e9.localhost", (3000, "demo")),
+    ("3000-demo-a-b.localhost", (3000, "demo")),
 ])
 def test_valid_hosts(host, expected):
     assert parse_sandbox_host(host, DOMAINS) == SandboxAddress(*expected)
@@ -26,7 +31,9 @@ def test_valid_hosts(host, expected):
     "", "localhost", "demo", "3000-demo", "3000demo.localhost", "-demo.localhost",
     "3000-.localhost", "0-demo.localhost", "65536-demo.localhost", "70000-demo.localhost",
     "+300-demo.localhost", "3 00-demo.localhost", "abc-demo.localhost", "3000-de_mo.localhost",
-    "3000-de.mo.localhost", "3000-demo-b0b684e9.localhost", "3000-démo.localhost",
+    "3000-de.mo.localhost", "3000--b0b684e9.localhost", "3000-d_mo-b0b684e9.localhost",
+    "3000-démo.localhost", "3000-demo-b0b6é.localhost", "3000-demo.localhost\xa0",
+    "3000-demo\u200b.localhost", "3000-demo.localhost\x85",
     "3000-demo.other.app", "3000-demo.localhost.evil", "3000-demo.sub.localhost",
     "3000-demo.localhost:", "3000-demo.localhost:80a", "[::1]:8080", "[::1",
     "3000-demo.localhost..", "٣٠٠٠-demo.localhost", "3000-demo.localhost:８０",

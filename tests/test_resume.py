@@ -92,12 +92,15 @@ async def test_control_plane_failing_or_unreachable_is_503(proxy, backend, contr
     assert r.status == 503 and time.monotonic() - start < 3
 
 
-async def test_paused_without_auto_resume_is_not_found(proxy, backend, control_plane):
+async def test_paused_without_auto_resume_is_409_paused(proxy, backend, control_plane):
     p = proxy(sandboxes={"napping": sleepy(backend.port, auto_resume=False),
                          "awake": sleepy(backend.port, state="running")},
               config=resume_config(control_plane))
     r = await fetch(p, "/echo", host="3000-napping.localhost")
-    assert r.status == 502 and r.json() == not_found_body("napping")
+    # issue 13: the reference's answer, no longer 502 not found
+    assert r.status == 409 and r.json() == {"sandboxId": "napping", "code": 409,
+                                            "message": "The sandbox is paused",
+                                            "canAutoResume": False}
     assert (await fetch(p, "/echo", host="3000-awake.localhost")).status == 200
     assert control_plane.calls == []
 
@@ -128,8 +131,9 @@ async def test_a_client_leaving_does_not_cancel_the_shared_resume(tmp_path, cont
         registry_toml({"sleepy": sleepy(4000, state="running")}))
     await registry.start()
     try:
-        leaving = asyncio.ensure_future(registry.lookup("sleepy", 3000))
-        staying = registry.lookup("sleepy", 3000)
+        assert registry.lookup("sleepy", 3000).paused  # look-ups never wake anything
+        leaving = asyncio.ensure_future(registry.resume("sleepy", 3000))
+        staying = registry.resume("sleepy", 3000)
         await asyncio.sleep(0.05)
         leaving.cancel()
 

@@ -9,8 +9,10 @@ the first AAAA). An optional TXT record on the same name carries per-sandbox set
     mask=localhost:${PORT}      -> mask_request_host
     token-sha256=<64 hex>       -> traffic_access_token_sha256
     ports=3000:32768,8080:9000  -> ports (sandbox port : backend port)
-    state=paused                -> state ("running" or "paused")
+    state=paused                -> state (running, paused, pausing or resuming)
     auto-resume=true            -> auto_resume
+    allowed-clients=10.0.0.0/8,192.0.2.7   -> allowed_clients (every port)
+    allowed-clients:3000=203.0.113.0/24    -> allowed_clients for port 3000
 
 An unknown key makes the record invalid and the sandbox is answered as not found (fail closed:
 a misspelt `token-sha256` must not publish a sandbox without its token).
@@ -172,7 +174,11 @@ def txt_settings(rrset) -> dict:
         for raw in rdata.strings:
             text = raw.decode("utf-8", "replace")
             key, sep, value = text.partition("=")
-            if not sep or key.strip().lower() not in TXT_KEYS:
+            key = key.strip().lower()
+            if sep and (key == "allowed-clients" or key.startswith("allowed-clients:")):
+                _add_ingress_rule(settings, key.partition(":")[2] or "*", value)
+                continue
+            if not sep or key not in TXT_KEYS:
                 # an unknown key reaches record_from_mapping, which rejects it by name
                 settings[f"txt {text.strip()!r}"] = True
                 continue
@@ -185,6 +191,14 @@ def txt_settings(rrset) -> dict:
             else:
                 settings[name] = value
     return settings
+
+
+def _add_ingress_rule(settings: dict, port: str, value: str) -> None:
+    """`allowed-clients=<cidr>,<cidr>` (every port) or `allowed-clients:<port>=...`."""
+    rules = settings.setdefault("allowed_clients", {})
+    if isinstance(rules, dict):
+        rules.setdefault(port, []).extend(
+            filter(None, (v.strip() for v in value.replace(" ", ",").split(","))))
 
 
 def _port_map(value: str) -> dict | str:

@@ -1,9 +1,10 @@
 """SandboxRecord: one sandbox's routing facts (backend host, port map, Host mask, access token,
-paused state) and the validation every registry kind applies to them."""
+lifecycle state, ingress rules) and the validation every registry kind applies to them."""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -12,25 +13,62 @@ from proxy.host import SANDBOX_ID_CHARS
 
 _HOST = re.compile(r"[^\s/]+")  # a host name or address: no whitespace, no slash
 _NO_PORTS: Mapping[int, int] = MappingProxyType({})  # shared: a million records, one empty map
+STATES = ("running", "paused", "pausing", "resuming")
+TRANSITIONS = frozenset({"pausing", "resuming"})
+ALL_PORTS = 0  # the key of `allowed_clients` rules that apply to every port ("*")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SandboxRecord:
     """Where a sandbox's ports are served and what Host its backend expects."""
 
     __slots__ = ("sandbox_id", "host", "ports", "mask_request_host", "token_sha256", "paused",
-                 "auto_resume", "_masks")
+                 "state", "auto_resume", "allowed_clients", "public_ports", "blocked_paths",
+                 "share_epoch", "_masks")
 
     def __init__(self, sandbox_id: str, host: str, ports: Mapping[int, int] | None = None,
                  mask_request_host: str | None = None, token_sha256: bytes | None = None,
-                 paused: bool = False, auto_resume: bool = False):
+                 paused: bool = False, auto_resume: bool = False, state: str | None = None,
+                 allowed_clients: Mapping[int, tuple[Network, ...]] | None = None,
+                 public_ports: frozenset[int] | None = None,
+                 blocked_paths: Mapping[int, tuple[str, ...]] | None = None,
+                 share_epoch: int = 0):
         self.sandbox_id = sandbox_id
         self.host = host
         self.ports = dict(ports) if ports else _NO_PORTS
         self.mask_request_host = mask_request_host
         self.token_sha256 = token_sha256  # SHA-256 digest of the traffic access token, if any
-        self.paused = paused
+        # running | paused | pausing | resuming; anything but running is not served as it is
+        self.state = state if state is not None else ("paused" if paused else "running")
+        self.paused = self.state != "running"
         self.auto_resume = auto_resume
+        # Client networks allowed to reach the sandbox, by port (ALL_PORTS: every port without
+        # rules of its own); None: everyone.
+        self.allowed_clients = allowed_clients
+        # ports that need no traffic token (None: [access] exempt_ports decides)
+        self.public_ports = public_ports
+        # port -> path prefixes answered 404 without reaching the sandbox (control plane only)
+        self.blocked_paths = blocked_paths
+        self.share_epoch = share_epoch  # share links minted under an older epoch are revoked
         self._masks: dict[int, bytes] | None = None  # made on first use
+
+    def client_allowed(self, port: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+                       | None) -> bool:
+        """Whether a client at `address` may reach `port` (an unknown address may not, where
+        rules apply)."""
+        rules = self.allowed_clients
+        if rules is None:
+            return True
+        networks = rules.get(port)
+        if networks is None:
+            networks = rules.get(ALL_PORTS)
+            if networks is None:
+                return True
+        if address is None:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
 
     def backend_port(self, port: int) -> int:
         """The backend port behind sandbox port `port` (the same unless the record maps it)."""
@@ -56,8 +94,12 @@ class SandboxRecord:
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, SandboxRecord) and self.sandbox_id == other.sandbox_id
                 and self.same_backend(other) and self.mask_request_host == other.mask_request_host
-                and self.token_sha256 == other.token_sha256 and self.paused == other.paused
-                and self.auto_resume == other.auto_resume)
+                and self.token_sha256 == other.token_sha256 and self.state == other.state
+                and self.auto_resume == other.auto_resume
+                and self.allowed_clients == other.allowed_clients
+                and self.public_ports == other.public_ports
+                and self.blocked_paths == other.blocked_paths
+                and self.share_epoch == other.share_epoch)
 
     def to_mapping(self) -> dict[str, Any]:
         """The JSON/TOML shape record_from_mapping accepts (the token only as its hash)."""
@@ -68,10 +110,21 @@ class SandboxRecord:
             data["mask_request_host"] = self.mask_request_host
         if self.token_sha256 is not None:
             data["traffic_access_token_sha256"] = self.token_sha256.hex()
-        if self.paused:
-            data["state"] = "paused"
+        if self.state != "running":
+            data["state"] = self.state
         if self.auto_resume:
             data["auto_resume"] = True
+        if self.allowed_clients is not None:
+            rules = {("*" if port == ALL_PORTS else str(port)): [str(n) for n in networks]
+                     for port, networks in sorted(self.allowed_clients.items())}
+            data["allowed_clients"] = (rules["*"] if list(rules) == ["*"] else rules)
+        if self.public_ports is not None:
+            data["public_ports"] = sorted(self.public_ports)
+        if self.blocked_paths is not None:
+            data["blocked_paths"] = {str(port): list(prefixes)
+                                     for port, prefixes in sorted(self.blocked_paths.items())}
+        if self.share_epoch:
+            data["share_epoch"] = self.share_epoch
         return data
 
     def __repr__(self) -> str:
@@ -130,14 +183,82 @@ def record_from_mapping(sandbox_id: str, data: Any) -> SandboxRecord:
         if len(digest) != 32:
             raise ValueError("traffic_access_token_sha256: must be 64 hex digits")
     state = data.get("state", "running")
-    if state not in ("running", "paused"):
-        raise ValueError("state: must be \"running\" or \"paused\"")
+    if state not in STATES:
+        raise ValueError("state: must be one of " + ", ".join(f'"{s}"' for s in STATES))
     auto_resume = data.get("auto_resume", False)
     if not isinstance(auto_resume, bool):
         raise ValueError("auto_resume: must be true or false")
-    return SandboxRecord(sandbox_id, host.strip(), ports, mask, digest, state == "paused",
-                         auto_resume)
+    allowed = data.get("allowed_clients")
+    public = data.get("public_ports")
+    if public is not None:
+        if not isinstance(public, list) or not all(_is_port(p) for p in public):
+            raise ValueError("public_ports: must be a list of ports (1-65535)")
+        public = frozenset(public)
+    blocked = data.get("blocked_paths")
+    if blocked is not None:
+        blocked = _blocked_paths(blocked)
+    epoch = data.get("share_epoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError("share_epoch: must be an integer >= 0")
+    return SandboxRecord(sandbox_id, host.strip(), ports, mask, digest, auto_resume=auto_resume,
+                         state=state,
+                         allowed_clients=None if allowed is None else _ingress_rules(allowed),
+                         public_ports=public, blocked_paths=blocked, share_epoch=epoch)
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def _blocked_paths(value: Any) -> dict[int, tuple[str, ...]]:
+    """`blocked_paths`: a table of port -> list of path prefixes, each starting with `/`."""
+    if not isinstance(value, dict):
+        raise ValueError("blocked_paths: must be a table of port = list of path prefixes")
+    rules = {}
+    for key, prefixes in value.items():
+        if not (isinstance(key, str) and key.isdigit() and 0 < int(key) < 65536):
+            raise ValueError(f"blocked_paths: {key!r} is not a port (1-65535)")
+        if not isinstance(prefixes, list) or not all(
+                isinstance(p, str) and p.startswith("/") and p.isascii() and p.isprintable()
+                for p in prefixes):
+            raise ValueError(f"blocked_paths.{key}: must be a list of paths starting with /")
+        rules[int(key)] = tuple(prefixes)
+    return rules
+
+
+def _networks(value: Any, where: str) -> tuple[Network, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: must be a list of CIDRs or addresses")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str)
+                            else None)
+        except ValueError:
+            networks.append(None)
+        if networks[-1] is None:
+            raise ValueError(f"{where}: {item!r} is not a CIDR or an IP address")
+    return tuple(networks)  # type: ignore[arg-type]
+
+
+def _ingress_rules(value: Any) -> dict[int, tuple[Network, ...]]:
+    """`allowed_clients`: a list of CIDRs for every port, or a table of port (or "*") -> list."""
+    if isinstance(value, list):
+        return {ALL_PORTS: _networks(value, "allowed_clients")}
+    if not isinstance(value, dict):
+        raise ValueError("allowed_clients: must be a list of CIDRs or a table of port = list")
+    rules = {}
+    for key, networks in value.items():
+        if key == "*":
+            port = ALL_PORTS
+        elif isinstance(key, str) and key.isdigit() and 0 < int(key) < 65536:
+            port = int(key)
+        else:
+            raise ValueError(f"allowed_clients: {key!r} is not a port (1-65535) or \"*\"")
+        rules[port] = _networks(networks, f"allowed_clients.{key}")
+    return rules
 
 
 RECORD_KEYS = frozenset({"host", "ports", "mask_request_host", "traffic_access_token",
-                         "traffic_access_token_sha256", "state", "auto_resume"})
+                         "traffic_access_token_sha256", "state", "auto_resume",
+                         "allowed_clients", "public_ports", "blocked_paths", "share_epoch"})

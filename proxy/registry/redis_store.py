@@ -51,6 +51,7 @@ NOTIFY_FLAGS = "Kg$xe"      # keyspace channel; generic (del, rename), string, e
 PING_EVERY = 1.0            # seconds of silence on a subscription before it is pinged
 RECONNECT_BACKOFF = (0.1, 1.0)  # first and largest pause between reconnect attempts
 LIST_SCAN_COUNT = 1000
+ACTIVITY_SUFFIX = ":activity"  # [activity] redis: `<prefix><id>:activity`, never a record
 
 
 class RedisTarget:
@@ -253,7 +254,9 @@ class RedisRegistry(RemoteRegistry):
                 continue
             heard = now
             if message["type"] == "pmessage":
-                self.refresh(message["channel"][prefix_at:])
+                key = message["channel"][prefix_at:]
+                if ACTIVITY_SUFFIX not in key:  # our own activity keys are not records
+                    self.refresh(key)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -267,7 +270,8 @@ class RedisRegistry(RemoteRegistry):
         async with asyncio.timeout(self.timeout * 5):
             ids = sorted({key[len(self.prefix):] async for key in self._client.scan_iter(
                 match=self.prefix + "*", count=LIST_SCAN_COUNT)
-                if key[len(self.prefix):] > (after or "")})  # a set: SCAN may repeat keys
+                if key[len(self.prefix):] > (after or "")  # a set: SCAN may repeat keys
+                and ACTIVITY_SUFFIX not in key})
             page = ids[:limit]
             values = await self._mget([self._key(i) for i in page]) if page else []
         records = []
@@ -290,6 +294,15 @@ class RedisRegistry(RemoteRegistry):
             await self._client.set(self._key(record.sandbox_id),
                                    json.dumps(record.to_mapping(), separators=(",", ":")))
         self._applied_locally(record.sandbox_id, record)
+
+    async def write_activity(self, report: dict[str, dict[str, int]], ttl: int) -> None:
+        """[activity] redis: one `<prefix><id>:activity` JSON value per sandbox, expiring."""
+        async with asyncio.timeout(self.timeout * 5):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for sandbox_id, entry in report.items():
+                    pipe.set(self._key(sandbox_id) + ACTIVITY_SUFFIX,
+                             json.dumps(entry, separators=(",", ":")), ex=ttl)
+                await pipe.execute()
 
     async def delete(self, sandbox_id: str) -> bool:
         async with asyncio.timeout(self.timeout):
