@@ -26,9 +26,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import diagnostic_log
 from proxy.accesslog import AccessLog
 from proxy.admin import start_admin
-from proxy.config import ConfigError, ListenAddress, ProxyConfig, load_config
+from proxy.config import ConfigError, ListenAddress, ProxyConfig, reload_config
 from proxy.context import EdgeContext
 from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
@@ -55,10 +56,6 @@ def install_event_loop_policy() -> None:
         log.warning("uvloop is not available; using the default asyncio event loop")
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def set_log_level(config: ProxyConfig) -> None:
-    logging.getLogger().setLevel(config.log.level.upper())
 
 
 def listening_socket(address: ListenAddress, backlog: int, reuse_port: bool) -> socket.socket:
@@ -223,7 +220,7 @@ class Worker:
         stats = self.ctx.stats
         source = self.config.source
         try:
-            new = load_config(source) if source is not None else self.config
+            new = reload_config(self.config)
         except ConfigError as exc:
             log.error("config reload failed, keeping the running config: %s", exc)
             stats.reloaded("config", False, time.time())
@@ -239,7 +236,7 @@ class Worker:
         self.config = applied
         self.ctx.apply(applied)
         self.ctx.pools.apply(applied)
-        set_log_level(applied)
+        diagnostic_log.apply(applied.log)
         stats.reloaded("config", True, time.time())
         reload_registry = getattr(self.registry, "reload", None)
         if reload_registry is not None:
@@ -319,6 +316,14 @@ class Supervisor:
         return (not self.draining and bool(snap)
                 and snap["gauges"].get("registry_ready", 0) >= len(self.children))
 
+    def reload_log_settings(self) -> None:
+        """SIGHUP: the supervisor's own log lines follow [log] too (the workers report problems
+        with the file)."""
+        try:
+            diagnostic_log.apply(reload_config(self.config).log)
+        except ConfigError:
+            pass
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         metrics = await start_metrics(self.config, self.snapshot, self.ready)
@@ -326,6 +331,8 @@ class Supervisor:
         def forward(signum: int) -> None:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.draining = True
+            elif signum == signal.SIGHUP:
+                self.reload_log_settings()
             for pid in self.children:
                 try:
                     os.kill(pid, signum)
@@ -364,7 +371,7 @@ class Supervisor:
 
 def run(config: ProxyConfig) -> int:
     """Run the proxy; returns the process exit status."""
-    set_log_level(config)
+    diagnostic_log.apply(config.log)
     registry = open_registry(config)  # validated before any fork: a bad file exits 2 once
     if (config.admin.listen is not None and config.server.workers > 1
             and getattr(registry, "kind", "") == "static"):
