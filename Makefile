@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick soak clean
+.PHONY: run test bench bench-quick soak config-schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# config/proxy.schema.json from the typed config (proxy/config_schema.py); a test checks it is current
+config-schema: $(STAMP)
+	$(BIN)/python -m proxy.config_schema --output config/proxy.schema.json
 
 # `make bench` (~15-20 min) writes benchmarks/results/; `make bench-quick` (~1 min) is the
 # before/after check for hot-path changes. Extra flags: make bench BENCH_ARGS="--only ours,nginx"

@@ -406,7 +406,7 @@ def _parse_server(s: _Section, base_dir: Path) -> ServerConfig:
     trusted = []
     for item in s.get("trusted_proxies", [], list):
         try:
-            trusted.append(ipaddress.ip_network(item, strict=False))
+            trusted.append(_ip_network(item))
         except (TypeError, ValueError):
             raise s.fail("trusted_proxies", f"{item!r} is not an IP address or CIDR") from None
     workers = s.integer("workers", d.workers, 0, 1024)
@@ -542,13 +542,20 @@ def _parse_timeouts(s: _Section) -> TimeoutsConfig:
     return config
 
 
+def _ip_network(item: Any) -> Network:
+    """An IP address or CIDR, as a string: ipaddress would read an integer as an address."""
+    if not isinstance(item, str):
+        raise TypeError(f"{item!r} is not a string")
+    return ipaddress.ip_network(item, strict=False)
+
+
 def _networks(s: _Section, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
     if key not in s.table:
         return default
     networks = []
     for item in s.get(key, [], list):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            networks.append(_ip_network(item))
         except (TypeError, ValueError):
             raise s.fail(key, f"{item!r} is not an IP address or CIDR") from None
     return tuple(networks)
