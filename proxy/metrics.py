@@ -1,5 +1,5 @@
-"""Metrics listener: /metrics (Prometheus text), /healthz (alive) and /readyz (registry reachable
-and not draining).
+"""Metrics listener: /metrics (Prometheus text), /healthz (alive) and /readyz (this instance can
+take traffic: the registry has answered once and no drain has begun; Worker.ready).
 
 The numbers come from `Stats` snapshots (proxy/stats.py): the process's own when it serves alone,
 or the sum of every worker's latest snapshot when `server.workers > 1` (the supervisor serves this

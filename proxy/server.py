@@ -4,6 +4,10 @@ One process (`server.workers = 1`) runs everything: the edge listener, the metri
 registry. With more workers, a supervisor forks that many processes sharing the edge port through
 SO_REUSEPORT; each writes a Stats snapshot every second and the supervisor serves /metrics as
 their sum, plus /healthz and /readyz. Signals:
+- /readyz: 200 once the registry has answered (loaded its file, or reached its store) once, until
+  the drain; a store that becomes unreachable later does not change it (requests that need the
+  store get 503 "registry unavailable" and sandbox_proxy_registry_ready says so), unless
+  `[metrics] ready_requires_registry` asks for that too.
 - SIGTERM/SIGINT: /readyz turns 503 at once; the edge keeps serving for `drain_delay` (so the load
   balancer notices), then stops accepting; in-flight requests finish; streams get until
   `drain_timeout`, then are closed; exit 0.
@@ -42,6 +46,7 @@ from proxy.upstream import UpstreamPools
 log = logging.getLogger("sandbox_proxy")
 
 SNAPSHOT_SECONDS = 1.0
+LOADED_POLL_SECONDS = 0.05  # until the registry's first answer
 # What SIGHUP cannot change (sockets, processes, the registry and admin listener, the log
 # writer): a change to any of these is reported and takes effect after a restart.
 RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
@@ -93,6 +98,7 @@ class Worker:
         self.snapshot_path = snapshot_path  # None: serve metrics here instead
         self.stop = asyncio.Event()
         self.interrupted = False  # SIGINT: someone at a terminal, no load balancer to wait for
+        self.loaded = False  # the registry has answered once: this instance can take traffic
         self.certificates = (CertificateStore(config.server.tls)
                              if config.server.tls is not None else None)
 
@@ -116,13 +122,13 @@ class Worker:
         await listener.start()
         metrics = None
         if self.snapshot_path is None:
-            metrics = await start_metrics(config, self.snapshot,
-                                          lambda: not ctx.draining and self.registry.ready())
+            metrics = await start_metrics(config, self.snapshot, self.ready)
         await self.registry.start()
         admin = await start_admin(config, self.registry) if self.serves_admin else None
         sweeper.start()
         background = [loop.create_task(self._every(SNAPSHOT_SECONDS, self.write_snapshot))
-                      if self.snapshot_path else None]
+                      if self.snapshot_path else None,
+                      loop.create_task(self._wait_until_loaded())]
         if self.certificates and config.server.tls.reload_interval > 0:
             background.append(loop.create_task(
                 self._every(config.server.tls.reload_interval, self.reload_certificates)))
@@ -147,6 +153,19 @@ class Worker:
             if runner is not None:
                 await runner.cleanup()
         log.info("stopped")
+
+    def ready(self) -> bool:
+        """/readyz: this instance can take traffic."""
+        if self.ctx.draining:
+            return False
+        if self.config.metrics.ready_requires_registry:
+            return self.registry.ready()
+        return self.loaded
+
+    async def _wait_until_loaded(self) -> None:
+        while not self.registry.ready():
+            await asyncio.sleep(LOADED_POLL_SECONDS)
+        self.loaded = True
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -173,6 +192,7 @@ class Worker:
     def snapshot(self) -> dict:
         gauges = self.ctx.gauges()
         gauges["workers"] = 1
+        gauges["ready"] = int(self.ready())  # summed: the supervisor's /readyz (not exported)
         snap = self.ctx.stats.snapshot(gauges)
         registry = self.registry  # a file-backed registry counts its own reloads
         if hasattr(registry, "reloads_ok"):
@@ -312,9 +332,10 @@ class Supervisor:
         return merged
 
     def ready(self) -> bool:
+        """Every worker says it is ready (Worker.ready), and no drain has begun."""
         snap = self.snapshot()
         return (not self.draining and bool(snap)
-                and snap["gauges"].get("registry_ready", 0) >= len(self.children))
+                and snap["gauges"].get("ready", 0) >= len(self.children))
 
     def reload_log_settings(self) -> None:
         """SIGHUP: the supervisor's own log lines follow [log] too (the workers report problems

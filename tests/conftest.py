@@ -808,6 +808,31 @@ async def fetch(
             return Fetched(resp.status, resp.headers, body)
 
 
+async def metric_value(p: ProxyProcess, name: str, **labels: str) -> float | None:
+    """One sample of the proxy's /metrics (None when it is not there)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(p.metrics_url + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+async def http_status(url: str) -> int:
+    """The status of a GET (for /readyz and /healthz)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(url) as resp:
+            return resp.status
+
+
 def listening_ports(pid: int) -> set[int]:
     """TCP ports in LISTEN state on sockets held by ``pid`` and its descendants."""
     inodes: set[str] = set()
