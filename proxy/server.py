@@ -38,7 +38,7 @@ from proxy.context import EdgeContext
 from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
 from proxy.registry import Registry, open_registry
-from proxy.stats import Stats, merge
+from proxy.stats import Stats, merge, process_usage
 from proxy.timeouts import DeadlineSweeper
 from proxy.tls import CertificateStore
 from proxy.upstream import UpstreamPools
@@ -194,6 +194,8 @@ class Worker:
         gauges["workers"] = 1
         gauges["ready"] = int(self.ready())  # summed: the supervisor's /readyz (not exported)
         snap = self.ctx.stats.snapshot(gauges)
+        snap["process"] = process_usage()
+        snap["access_log_dropped"] = self.ctx.access_log.dropped
         registry = self.registry  # a file-backed registry counts its own reloads
         if hasattr(registry, "reloads_ok"):
             snap["reloads"] += [["registry", "ok", registry.reloads_ok],
@@ -326,9 +328,10 @@ class Supervisor:
                 snapshots.append(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue
-        merged = merge(snapshots)
-        if merged:
-            merged["gauges"]["draining"] = int(self.draining)
+        if not snapshots:
+            return {}
+        merged = merge([*snapshots, {"process": process_usage()}])  # the supervisor counts too
+        merged["gauges"]["draining"] = int(self.draining)
         return merged
 
     def ready(self) -> bool:

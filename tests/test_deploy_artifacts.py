@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1009,6 +1010,7 @@ REQUIRED_ALERT_SIGNALS = {
     "reload errors": re.compile(r'sandbox_proxy_reloads_total\{result="error"\}'),
     "p99 ttfb": re.compile(r"histogram_quantile\(0\.99,.*sandbox_proxy_request_duration_seconds"
                            r"_bucket", re.DOTALL),
+    "fd growth": re.compile(r"sandbox_proxy_process_open_fds"),
 }
 
 
@@ -1031,6 +1033,33 @@ def test_alert_rules():
     assert duration_seconds(drain["for"]) > defaults.drain_delay + defaults.drain_timeout
 
 
+PROMTOOL_TESTS = REPO / "tests" / "promtool" / "alerts_test.yml"
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:  # a failure in CI (SANDBOX_PROXY_NO_SKIP=1), where .ci/run installs it
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return found
+
+
+def test_alert_rules_pass_promtool(promtool):
+    """Prometheus's own tool: the rules load, and their unit tests (synthetic series, which
+    alerts fire and when) pass."""
+    check = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rules = [r["alert"] for g in load_yaml(ALERTS)["groups"] for r in g["rules"]]
+    assert f"SUCCESS: {len(rules)} rules found" in check.stdout
+    unit = subprocess.run([promtool, "test", "rules", str(PROMTOOL_TESTS)], capture_output=True,
+                          text=True, timeout=60)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    tested = set(re.findall(r"alertname: (\w+)", PROMTOOL_TESTS.read_text()))
+    assert {"SandboxProxyFileDescriptorsGrowing", "SandboxProxyRegistryUnavailable"} <= tested
+    assert tested <= set(rules)
+
+
 # ------------------------------------------------------------------------------------------------
 # Grafana
 # ------------------------------------------------------------------------------------------------
@@ -1045,6 +1074,10 @@ DASHBOARD_METRICS = {
     "sandbox_proxy_registry_lookups_total", "sandbox_proxy_registry_lookup_duration_seconds_bucket",
     "sandbox_proxy_reloads_total", "sandbox_proxy_draining", "sandbox_proxy_request_bytes_total",
     "sandbox_proxy_response_bytes_total", "sandbox_proxy_resumes_total",
+    # the README's leak criteria, graphable
+    "sandbox_proxy_process_resident_memory_bytes", "sandbox_proxy_process_open_fds",
+    "sandbox_proxy_process_max_fds", "sandbox_proxy_process_cpu_seconds_total",
+    "sandbox_proxy_process_start_time_seconds", "sandbox_proxy_access_log_dropped_lines_total",
 }
 
 
