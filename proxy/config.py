@@ -2,7 +2,9 @@
 
 Every key is documented in config/proxy.toml. Anything wrong (unknown section or key, wrong type,
 value out of range) raises ConfigError naming the file, the key and the problem; the CLI turns that
-into exit status 2.
+into exit status 2. SANDBOX_PROXY_* environment variables (ENVIRONMENT_KEYS) and the command line
+override single keys, validated the same way. proxy/config_schema.py derives the file's JSON Schema
+from the dataclasses below.
 """
 
 from __future__ import annotations
