@@ -4,12 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick soak clean
+.PHONY: run test bench bench-quick soak config-schema constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -18,14 +18,28 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# config/proxy.schema.json from the typed config (proxy/config_schema.py); a test checks it is current
+config-schema: $(STAMP)
+	$(BIN)/python -m proxy.config_schema --output config/proxy.schema.json
+
+# constraints.txt: pyproject.toml's runtime dependencies resolved afresh, every version pinned
+constraints:
+	rm -rf build/constraints-venv
+	$(PYTHON) -m venv build/constraints-venv
+	build/constraints-venv/bin/pip install --quiet --upgrade setuptools .
+	{ grep '^#' constraints.txt; build/constraints-venv/bin/pip freeze --all \
+	    --exclude sandbox-proxy --exclude pip --exclude wheel; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf build/constraints-venv
+
 # `make bench` (~15-20 min) writes benchmarks/results/; `make bench-quick` (~1 min) is the
 # before/after check for hot-path changes. Extra flags: make bench BENCH_ARGS="--only ours,nginx"
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[bench]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --quick $(BENCH_ARGS)
 
 # A bounded mixed workload (HTTP, SSE, WebSocket, uploads, errors); SOAK_ARGS="--duration 60"

@@ -7,7 +7,8 @@ proxy/admin_openapi.json, served at `GET /openapi.json`:
 
 - `PUT /sandboxes/{id}`: body is the record JSON every kind validates (`record_from_mapping`);
   a problem is a 400 naming the field. Answers the stored record.
-- `GET /sandboxes/{id}`: the record (a token only as its sha256), or 404.
+- `GET /sandboxes/{id}`: the record (a token only as its sha256), or 404; 409 when the store
+  holds something under the id that is not a valid record (the edge answers it as not found).
 - `GET /sandboxes?limit=100&after=<id>`: a page in id order and `next` (the `after` of the next
   page, null on the last).
 - `DELETE /sandboxes/{id}`: 204, or 404. Connections to the sandbox are closed at once.
@@ -16,7 +17,9 @@ proxy/admin_openapi.json, served at `GET /openapi.json`:
   proxy/share.py. 409 while `[access] share_key` is not set.
 
 Writes go to the registry's own store (memory for static, Redis for redis); a read-only kind
-answers 405. A store that cannot be reached answers 503 `registry unavailable`.
+answers 405. A store that cannot be reached answers 503 `registry unavailable`. Every error is the
+document's `Error` object (`{"error": "..."}`), aiohttp's own 404 and 405 for paths and methods
+that do not exist included.
 """
 
 from __future__ import annotations
@@ -52,6 +55,27 @@ def problem(status: int, message: str, field: str | None = None, **extra) -> web
 
 def record_view(record: SandboxRecord) -> dict:
     return {"id": record.sandbox_id, **record.to_mapping()}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """aiohttp's own error answers (no such path: 404, no such method: 405 with Allow) in the
+    documented Error shape instead of plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        if exc.status == 404:
+            message = f"no such path: {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = (exc.reason or "error").lower()
+        response = problem(exc.status, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 @web.middleware
@@ -124,7 +148,7 @@ async def get_sandbox(request: web.Request) -> web.Response:
     try:
         record = await _registry(request).get(sandbox_id)
     except ValueError as exc:  # the store holds something unusable under this id
-        return problem(500, str(exc), id=sandbox_id)
+        return problem(409, str(exc), id=sandbox_id)
     if record is None:
         return problem(404, "sandbox not found", id=sandbox_id)
     return web.json_response(record_view(record))
@@ -197,7 +221,8 @@ async def create_share(request: web.Request) -> web.Response:
 
 def admin_app(registry: Registry, token: str,
               config: ProxyConfig | None = None) -> web.Application:
-    app = web.Application(middlewares=[require_token, store_errors], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[json_errors, require_token, store_errors],
+                          client_max_size=MAX_BODY)
     app[REGISTRY_KEY] = registry
     app[TOKEN_KEY] = token.encode()
     app[CONFIG_KEY] = config

@@ -2,7 +2,9 @@
 
 Every key is documented in config/proxy.toml. Anything wrong (unknown section or key, wrong type,
 value out of range) raises ConfigError naming the file, the key and the problem; the CLI turns that
-into exit status 2.
+into exit status 2. SANDBOX_PROXY_* environment variables (ENVIRONMENT_KEYS) and the command line
+override single keys, validated the same way. proxy/config_schema.py derives the file's JSON Schema
+from the dataclasses below.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from proxy.host import normalize_domain
 from proxy.share import MIN_KEY_BYTES as MIN_SHARE_KEY_BYTES
@@ -51,10 +53,15 @@ class ServerConfig:
     tls: TlsConfig | None = None
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     access: str = "json"  # json | text | off
     level: str = "info"
+    format: str = "text"  # the diagnostic log on stderr: text | json (one object per line)
 
 
 REGISTRY_KINDS = ("static", "dns", "redis")
@@ -91,6 +98,9 @@ class AdminConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: ListenAddress | None = ListenAddress("127.0.0.1", 9091)  # None = no listener
+    # False: /readyz is 200 once the registry has loaded (answered once) until the drain.
+    # True: also 503 whenever the registry's store is unreachable.
+    ready_requires_registry: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,13 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class CommandLine:
+    """What the command line set: it wins over the environment and the file, on SIGHUP too."""
+    listen: str | None = None     # --listen
+    log_level: str | None = None  # --log-level
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     source: Path | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -167,6 +184,7 @@ class ProxyConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     log: LogConfig = field(default_factory=LogConfig)
     activity: ActivityConfig = field(default_factory=ActivityConfig)
+    overrides: CommandLine = field(default_factory=CommandLine)
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -188,13 +206,14 @@ def parse_listen(text: str) -> ListenAddress:
 class _Section:
     """Reads the keys of one TOML table, remembering which were used so leftovers are errors."""
 
-    def __init__(self, source: str, name: str, table: Any):
+    def __init__(self, source: str, name: str, table: Any, origins: dict[str, str] | None = None):
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         self.source, self.name, self.table = source, name, table
+        self.origins = origins or {}  # key -> environment variable it came from
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: [{self.name}] {key}: {problem}")
+        return ConfigError(f"{self.origins.get(key, self.source)}: [{self.name}] {key}: {problem}")
 
     def get(self, key: str, default: Any, kind: type | tuple[type, ...],
             check: Callable[[Any], str | None] | None = None) -> Any:
@@ -259,12 +278,16 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def load_config(path: Path | str | None, listen_override: str | None = None) -> ProxyConfig:
-    """Read and validate the config file (None = built-in defaults); apply --listen."""
+def load_config(path: Path | str | None, listen_override: str | None = None, *,
+                log_level: str | None = None,
+                environ: Mapping[str, str] | None = None) -> ProxyConfig:
+    """Read and validate the config file (None = built-in defaults), then apply the environment
+    (ENVIRONMENT_KEYS) and the command line (--listen, --log-level), which wins over both."""
     source_path = Path(path) if path is not None else None
     data = read_toml(source_path) if source_path is not None else {}
     source = str(source_path) if source_path is not None else "<defaults>"
     base_dir = source_path.parent if source_path is not None else Path.cwd()
+    data, origins = apply_environment(data, os.environ if environ is None else environ)
     parsers = {
         "server": lambda s: _parse_server(s, base_dir),
         "registry": lambda s: _parse_registry(s, base_dir),
@@ -282,7 +305,7 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
     for name, table in data.items():
         if name not in parsers:
             raise ConfigError(f"{source}: [{name}]: unknown section")
-        sections[name] = parsers[name](_Section(source, name, table))
+        sections[name] = parsers[name](_Section(source, name, table, origins.get(name)))
     for name, parser in parsers.items():
         if name not in sections:
             sections[name] = parser(_Section(source, name, {}))
@@ -294,7 +317,64 @@ def load_config(path: Path | str | None, listen_override: str | None = None) -> 
         sections["server"] = replace(sections["server"], listen=listen)
     if sections["activity"].redis and sections["registry"].kind != "redis":
         raise ConfigError(f"{source}: [activity] redis: needs [registry] kind = \"redis\"")
-    return ProxyConfig(source=source_path, **sections)
+    if log_level is not None:
+        if log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level: must be {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        sections["log"] = replace(sections["log"], level=log_level.lower())
+    return ProxyConfig(source=source_path, **sections,
+                       overrides=CommandLine(listen_override, log_level))
+
+
+def reload_config(config: ProxyConfig) -> ProxyConfig:
+    """Read the config again (SIGHUP): the same file, environment and command line."""
+    return load_config(config.source, config.overrides.listen,
+                       log_level=config.overrides.log_level)
+
+
+# The config file's path when --config is not given.
+CONFIG_PATH_ENV = "SANDBOX_PROXY_CONFIG"
+# Environment variables for the keys set per deployment (containers, Kubernetes): each one set
+# (and not empty) replaces its key of the file, validated the same way; a problem names the
+# variable and the key. Lists are comma- or space-separated. [admin] token has its own variable,
+# ADMIN_TOKEN_ENV. Precedence: command line > environment > file > built-in default.
+ENVIRONMENT_KEYS: dict[str, tuple[str, str, type]] = {
+    "SANDBOX_PROXY_LISTEN": ("server", "listen", str),
+    "SANDBOX_PROXY_DOMAINS": ("server", "domains", list),
+    "SANDBOX_PROXY_WORKERS": ("server", "workers", int),
+    "SANDBOX_PROXY_TRUSTED_PROXIES": ("server", "trusted_proxies", list),
+    "SANDBOX_PROXY_METRICS_LISTEN": ("metrics", "listen", str),
+    "SANDBOX_PROXY_ADMIN_LISTEN": ("admin", "listen", str),
+    "SANDBOX_PROXY_REGISTRY_KIND": ("registry", "kind", str),
+    "SANDBOX_PROXY_REGISTRY_PATH": ("registry", "path", str),
+    "SANDBOX_PROXY_REGISTRY_URL": ("registry", "url", str),
+    "SANDBOX_PROXY_REGISTRY_NAMESERVERS": ("registry", "nameservers", list),
+    "SANDBOX_PROXY_REGISTRY_ZONE": ("registry", "zone", str),
+    "SANDBOX_PROXY_RESUME_URL": ("registry", "resume_url", str),
+    "SANDBOX_PROXY_ALLOWED_NETWORKS": ("upstream", "allowed_networks", list),
+    "SANDBOX_PROXY_ACCESS_LOG": ("log", "access", str),
+    "SANDBOX_PROXY_LOG_LEVEL": ("log", "level", str),
+    "SANDBOX_PROXY_LOG_FORMAT": ("log", "format", str),
+}
+
+
+def apply_environment(data: dict[str, Any], environ: Mapping[str, str],
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """The file's tables with ENVIRONMENT_KEYS applied, and {section: {key: variable}}."""
+    origins: dict[str, dict[str, str]] = {}
+    for variable, (section, key, kind) in ENVIRONMENT_KEYS.items():
+        text = environ.get(variable, "").strip()
+        if not text:
+            continue
+        value: Any = text
+        if kind is list:
+            value = text.replace(",", " ").split()
+        elif kind is int and text.lstrip("-").isdigit():
+            value = int(text)
+        table = data.get(section, {})
+        if isinstance(table, dict):  # anything else is reported as the file's problem
+            data = {**data, section: {**table, key: value}}
+            origins.setdefault(section, {})[key] = variable
+    return data, origins
 
 
 def _parse_activity(s: _Section) -> ActivityConfig:
@@ -329,11 +409,12 @@ def _parse_log(s: _Section) -> LogConfig:
     config = LogConfig(
         access=s.get("access", d.access, str, lambda v: None if v in ("json", "text", "off")
                       else f"must be json, text or off, got {v!r}"),
-        level=s.get("level", d.level, str, lambda v: None if v in ("debug", "info", "warning",
-                                                                    "error")
+        level=s.get("level", d.level, str, lambda v: None if v in LOG_LEVELS
                     else f"must be debug, info, warning or error, got {v!r}"),
+        format=s.get("format", d.format, str, lambda v: None if v in LOG_FORMATS
+                     else f"must be text or json, got {v!r}"),
     )
-    s.finish({"access", "level"})
+    s.finish({"access", "level", "format"})
     return config
 
 
@@ -352,7 +433,7 @@ def _parse_server(s: _Section, base_dir: Path) -> ServerConfig:
     trusted = []
     for item in s.get("trusted_proxies", [], list):
         try:
-            trusted.append(ipaddress.ip_network(item, strict=False))
+            trusted.append(_ip_network(item))
         except (TypeError, ValueError):
             raise s.fail("trusted_proxies", f"{item!r} is not an IP address or CIDR") from None
     workers = s.integer("workers", d.workers, 0, 1024)
@@ -472,8 +553,11 @@ ADMIN_TOKEN_ENV = "SANDBOX_PROXY_ADMIN_TOKEN"
 
 
 def _parse_metrics(s: _Section) -> MetricsConfig:
-    config = MetricsConfig(listen=s.listen("listen", MetricsConfig().listen, allow_empty=True))
-    s.finish({"listen"})
+    d = MetricsConfig()
+    config = MetricsConfig(listen=s.listen("listen", d.listen, allow_empty=True),
+                           ready_requires_registry=s.get("ready_requires_registry",
+                                                         d.ready_requires_registry, bool))
+    s.finish({"listen", "ready_requires_registry"})
     return config
 
 
@@ -485,13 +569,20 @@ def _parse_timeouts(s: _Section) -> TimeoutsConfig:
     return config
 
 
+def _ip_network(item: Any) -> Network:
+    """An IP address or CIDR, as a string: ipaddress would read an integer as an address."""
+    if not isinstance(item, str):
+        raise TypeError(f"{item!r} is not a string")
+    return ipaddress.ip_network(item, strict=False)
+
+
 def _networks(s: _Section, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
     if key not in s.table:
         return default
     networks = []
     for item in s.get(key, [], list):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            networks.append(_ip_network(item))
         except (TypeError, ValueError):
             raise s.fail(key, f"{item!r} is not an IP address or CIDR") from None
     return tuple(networks)

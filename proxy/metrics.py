@@ -1,5 +1,5 @@
-"""Metrics listener: /metrics (Prometheus text), /healthz (alive) and /readyz (registry reachable
-and not draining).
+"""Metrics listener: /metrics (Prometheus text), /healthz (alive) and /readyz (this instance can
+take traffic: the registry has answered once and no drain has begun; Worker.ready).
 
 The numbers come from `Stats` snapshots (proxy/stats.py): the process's own when it serves alone,
 or the sum of every worker's latest snapshot when `server.workers > 1` (the supervisor serves this
@@ -36,6 +36,19 @@ GAUGES = {  # snapshot gauge name -> (metric name, help)
     "registry_ready": ("registry_ready", "Workers whose registry is reachable (equals "
                        "sandbox_proxy_workers when all are; 1 for a single process)"),
     "workers": ("workers", "Worker processes serving the edge"),
+}
+
+
+# The proxy's processes (the supervisor and every worker with server.workers > 1, else the one
+# process): summed, but for the start time, the latest. The README's leak criteria, graphable.
+PROCESS = {  # process_usage() key -> (metric name, help)
+    "resident_memory_bytes": ("process_resident_memory_bytes",
+                              "Resident memory of the proxy's processes, bytes"),
+    "open_fds": ("process_open_fds", "Open file descriptors of the proxy's processes"),
+    "max_fds": ("process_max_fds", "Limits on open file descriptors (RLIMIT_NOFILE) of the "
+                "proxy's processes, summed like process_open_fds"),
+    "start_time_seconds": ("process_start_time_seconds", "Unix time the most recently started "
+                           "of the proxy's processes started (a replaced worker moves it)"),
 }
 
 
@@ -128,6 +141,21 @@ class SnapshotCollector:
             if key in s["gauges"]:
                 gauge = GaugeMetricFamily(P + name, doc)
                 gauge.add_metric([], s["gauges"][key])
+                yield gauge
+        dropped = CounterMetricFamily(P + "access_log_dropped_lines",
+                                      "Access log lines dropped because stdout could not keep up")
+        dropped.add_metric([], s.get("access_log_dropped", 0))
+        yield dropped
+        usage = s.get("process", {})
+        if "cpu_seconds" in usage:
+            cpu = CounterMetricFamily(P + "process_cpu_seconds",
+                                      "User and system CPU time of the proxy's processes")
+            cpu.add_metric([], usage["cpu_seconds"])
+            yield cpu
+        for key, (name, doc) in PROCESS.items():
+            if key in usage:
+                gauge = GaugeMetricFamily(P + name, doc)
+                gauge.add_metric([], usage[key])
                 yield gauge
 
 

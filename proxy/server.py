@@ -4,6 +4,10 @@ One process (`server.workers = 1`) runs everything: the edge listener, the metri
 registry. With more workers, a supervisor forks that many processes sharing the edge port through
 SO_REUSEPORT; each writes a Stats snapshot every second and the supervisor serves /metrics as
 their sum, plus /healthz and /readyz. Signals:
+- /readyz: 200 once the registry has answered (loaded its file, or reached its store) once, until
+  the drain; a store that becomes unreachable later does not change it (requests that need the
+  store get 503 "registry unavailable" and sandbox_proxy_registry_ready says so), unless
+  `[metrics] ready_requires_registry` asks for that too.
 - SIGTERM/SIGINT: /readyz turns 503 at once; the edge keeps serving for `drain_delay` (so the load
   balancer notices), then stops accepting; in-flight requests finish; streams get until
   `drain_timeout`, then are closed; exit 0.
@@ -26,15 +30,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import diagnostic_log
 from proxy.accesslog import AccessLog
 from proxy.activity import ActivityReporter
 from proxy.admin import start_admin
-from proxy.config import ConfigError, ListenAddress, ProxyConfig, load_config
+from proxy.config import ConfigError, ListenAddress, ProxyConfig, reload_config
 from proxy.context import EdgeContext
 from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
 from proxy.registry import Registry, open_registry
-from proxy.stats import Stats, merge
+from proxy.stats import Stats, merge, process_usage
 from proxy.timeouts import DeadlineSweeper
 from proxy.tls import CertificateStore
 from proxy.upstream import UpstreamPools
@@ -42,6 +47,7 @@ from proxy.upstream import UpstreamPools
 log = logging.getLogger("sandbox_proxy")
 
 SNAPSHOT_SECONDS = 1.0
+LOADED_POLL_SECONDS = 0.05  # until the registry's first answer
 # What SIGHUP cannot change (sockets, processes, the registry and admin listener, the log
 # writer): a change to any of these is reported and takes effect after a restart.
 RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
@@ -56,10 +62,6 @@ def install_event_loop_policy() -> None:
         log.warning("uvloop is not available; using the default asyncio event loop")
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def set_log_level(config: ProxyConfig) -> None:
-    logging.getLogger().setLevel(config.log.level.upper())
 
 
 def listening_socket(address: ListenAddress, backlog: int, reuse_port: bool) -> socket.socket:
@@ -97,6 +99,7 @@ class Worker:
         self.snapshot_path = snapshot_path  # None: serve metrics here instead
         self.stop = asyncio.Event()
         self.interrupted = False  # SIGINT: someone at a terminal, no load balancer to wait for
+        self.loaded = False  # the registry has answered once: this instance can take traffic
         self.certificates = (CertificateStore(config.server.tls)
                              if config.server.tls is not None else None)
 
@@ -120,13 +123,13 @@ class Worker:
         await listener.start()
         metrics = None
         if self.snapshot_path is None:
-            metrics = await start_metrics(config, self.snapshot,
-                                          lambda: not ctx.draining and self.registry.ready())
+            metrics = await start_metrics(config, self.snapshot, self.ready)
         await self.registry.start()
         admin = await start_admin(config, self.registry) if self.serves_admin else None
         sweeper.start()
         background = [loop.create_task(self._every(SNAPSHOT_SECONDS, self.write_snapshot))
-                      if self.snapshot_path else None]
+                      if self.snapshot_path else None,
+                      loop.create_task(self._wait_until_loaded())]
         activity = None
         if config.activity.url is not None or config.activity.redis:
             activity = ActivityReporter(ctx, config.activity, self.registry)
@@ -164,6 +167,19 @@ class Worker:
                 await runner.cleanup()
         log.info("stopped")
 
+    def ready(self) -> bool:
+        """/readyz: this instance can take traffic."""
+        if self.ctx.draining:
+            return False
+        if self.config.metrics.ready_requires_registry:
+            return self.registry.ready()
+        return self.loaded
+
+    async def _wait_until_loaded(self) -> None:
+        while not self.registry.ready():
+            await asyncio.sleep(LOADED_POLL_SECONDS)
+        self.loaded = True
+
     def interrupt(self) -> None:
         self.interrupted = True
         self.stop.set()
@@ -189,7 +205,10 @@ class Worker:
     def snapshot(self) -> dict:
         gauges = self.ctx.gauges()
         gauges["workers"] = 1
+        gauges["ready"] = int(self.ready())  # summed: the supervisor's /readyz (not exported)
         snap = self.ctx.stats.snapshot(gauges)
+        snap["process"] = process_usage()
+        snap["access_log_dropped"] = self.ctx.access_log.dropped
         registry = self.registry  # a file-backed registry counts its own reloads
         if hasattr(registry, "reloads_ok"):
             snap["reloads"] += [["registry", "ok", registry.reloads_ok],
@@ -236,7 +255,7 @@ class Worker:
         stats = self.ctx.stats
         source = self.config.source
         try:
-            new = load_config(source) if source is not None else self.config
+            new = reload_config(self.config)
         except ConfigError as exc:
             log.error("config reload failed, keeping the running config: %s", exc)
             stats.reloaded("config", False, time.time())
@@ -252,7 +271,7 @@ class Worker:
         self.config = applied
         self.ctx.apply(applied)
         self.ctx.pools.apply(applied)
-        set_log_level(applied)
+        diagnostic_log.apply(applied.log)
         stats.reloaded("config", True, time.time())
         reload_registry = getattr(self.registry, "reload", None)
         if reload_registry is not None:
@@ -322,15 +341,25 @@ class Supervisor:
                 snapshots.append(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue
-        merged = merge(snapshots)
-        if merged:
-            merged["gauges"]["draining"] = int(self.draining)
+        if not snapshots:
+            return {}
+        merged = merge([*snapshots, {"process": process_usage()}])  # the supervisor counts too
+        merged["gauges"]["draining"] = int(self.draining)
         return merged
 
     def ready(self) -> bool:
+        """Every worker says it is ready (Worker.ready), and no drain has begun."""
         snap = self.snapshot()
         return (not self.draining and bool(snap)
-                and snap["gauges"].get("registry_ready", 0) >= len(self.children))
+                and snap["gauges"].get("ready", 0) >= len(self.children))
+
+    def reload_log_settings(self) -> None:
+        """SIGHUP: the supervisor's own log lines follow [log] too (the workers report problems
+        with the file)."""
+        try:
+            diagnostic_log.apply(reload_config(self.config).log)
+        except ConfigError:
+            pass
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -339,6 +368,8 @@ class Supervisor:
         def forward(signum: int) -> None:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.draining = True
+            elif signum == signal.SIGHUP:
+                self.reload_log_settings()
             for pid in self.children:
                 try:
                     os.kill(pid, signum)
@@ -377,7 +408,7 @@ class Supervisor:
 
 def run(config: ProxyConfig) -> int:
     """Run the proxy; returns the process exit status."""
-    set_log_level(config)
+    diagnostic_log.apply(config.log)
     registry = open_registry(config)  # validated before any fork: a bad file exits 2 once
     if (config.admin.listen is not None and config.server.workers > 1
             and getattr(registry, "kind", "") == "static"):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
 
 from proxy import share
-from proxy.config import ConfigError, load_config
+from proxy.config import CONFIG_PATH_ENV, ConfigError, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +49,7 @@ async def _share_epoch(config, sandbox_id: str) -> int | None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config or os.environ.get(CONFIG_PATH_ENV) or None)
     except ConfigError as exc:
         print(f"sandbox-proxy: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ adds snapshots of several worker processes together, so /metrics is correct with
 
 from __future__ import annotations
 
+import os
+import resource
 from bisect import bisect_left
 from typing import Iterable
 
@@ -116,12 +118,50 @@ class Stats:
         }
 
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_started: tuple[int, float] | None = None  # (pid, unix time): a forked worker reads its own
+
+
+def process_usage() -> dict[str, float]:
+    """This process's footprint: resident memory, open file descriptors and their limit, CPU
+    seconds (user + system), start time. Memory, descriptors and start time come from /proc
+    (Linux); where it is missing they are left out."""
+    times = os.times()
+    usage = {"cpu_seconds": times.user + times.system,
+             "max_fds": float(resource.getrlimit(resource.RLIMIT_NOFILE)[0])}
+    try:
+        with open("/proc/self/statm") as f:
+            usage["resident_memory_bytes"] = float(int(f.read().split()[1]) * PAGE_SIZE)
+        usage["open_fds"] = float(len(os.listdir("/proc/self/fd")))
+        usage["start_time_seconds"] = _start_time()
+    except OSError:
+        pass
+    return usage
+
+
+def _start_time() -> float:
+    global _started
+    pid = os.getpid()
+    if _started is None or _started[0] != pid:
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        # the fields after the command name (which may hold spaces); starttime is field 22,
+        # in clock ticks since boot
+        ticks = int(stat[stat.rfind(")") + 2:].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        _started = (pid, boot + ticks / os.sysconf("SC_CLK_TCK"))
+    return _started[1]
+
+
 ROW_COUNTERS = ("responses", "reloads", "lookups")          # [[*labels, n], ...]
-NUMBERS = ("request_bytes", "response_bytes", "retries", "connections_opened")
+NUMBERS = ("request_bytes", "response_bytes", "retries", "connections_opened",
+           "access_log_dropped")
 HISTOGRAMS = ("response_duration", "connect_duration", "lookup_duration", "resume_duration")
 KEYED_HISTOGRAMS = ("stream_duration",)                      # {label: histogram}
-KEYED_COUNTS = ("connect_failures", "resumes", "gauges")     # {label: n}, summed ...
-GAUGES_NOT_SUMMED = {"sandboxes": max}                       # ... except these
+KEYED_COUNTS = ("connect_failures", "resumes", "gauges", "process")  # {label: n}, summed ...
+NOT_SUMMED = {("gauges", "sandboxes"): max,                  # ... except these
+              ("process", "start_time_seconds"): max}        # (the latest start of any)
 KEYED_LATEST = ("last_reload_success",)                      # {label: unix time}, the latest
 
 
@@ -134,8 +174,9 @@ def _add_histogram(into: dict | None, h: dict) -> dict:
 
 
 def merge(snapshots: Iterable[dict]) -> dict:
-    """Add several processes' snapshots: counters, histograms and gauges are sums (open
-    connections of all workers, say); reload times take the latest. {} when there are none."""
+    """Add several processes' snapshots: counters, histograms, gauges and process usage are sums
+    (open connections of all workers, say); reload and start times take the latest. {} when there
+    are none."""
     rows: dict[str, dict[tuple, float]] = {f: {} for f in ROW_COUNTERS}
     merged: dict = {}
     for snap in snapshots:
@@ -156,7 +197,7 @@ def merge(snapshots: Iterable[dict]) -> dict:
                 merged[field][name] = _add_histogram(merged[field].get(name), h)
         for field in KEYED_COUNTS:
             for name, n in snap.get(field, {}).items():
-                combine = GAUGES_NOT_SUMMED.get(name) if field == "gauges" else None
+                combine = NOT_SUMMED.get((field, name))
                 old = merged[field].get(name)
                 merged[field][name] = (n if old is None else combine(old, n) if combine
                                        else old + n)

@@ -312,12 +312,17 @@ def launch_proxy(
     args: list[str] | None = None,
     raw_config: str | None = None,
     wait: bool = True,
+    env: dict[str, str] | None = None,
+    config_flag: bool = True,
 ) -> ProxyProcess:
     """Write proxy.toml and sandboxes.toml under ``workdir/conf`` and start the CLI.
 
     The process runs with ``workdir`` as its current directory, not the config
     directory, so a registry path that is not resolved relative to the config
-    file shows up as a start-up failure.
+    file shows up as a start-up failure. ``env`` is added to the process's
+    environment (SANDBOX_PROXY_LISTEN / _METRICS_LISTEN move the ports waited
+    for); without ``config_flag`` no --config is passed (SANDBOX_PROXY_CONFIG
+    in ``env`` names the file then).
     """
     conf_dir = workdir / "conf"
     conf_dir.mkdir(parents=True, exist_ok=True)
@@ -328,6 +333,11 @@ def launch_proxy(
     port = int(listen.rsplit(":", 1)[1])
     metrics_listen = cfg.get("metrics", {}).get("listen", "")
     metrics_port = int(metrics_listen.rsplit(":", 1)[1]) if metrics_listen else None
+    env = dict(env or {})
+    if env.get("SANDBOX_PROXY_LISTEN"):
+        port = int(env["SANDBOX_PROXY_LISTEN"].rsplit(":", 1)[1])
+    if env.get("SANDBOX_PROXY_METRICS_LISTEN"):
+        metrics_port = int(env["SANDBOX_PROXY_METRICS_LISTEN"].rsplit(":", 1)[1])
     if args and "--listen" in args:
         port = int(args[args.index("--listen") + 1].rsplit(":", 1)[1])
 
@@ -337,15 +347,15 @@ def launch_proxy(
     registry_path.write_text(registry_toml(sandboxes))
     stdout_path = workdir / "proxy.stdout"
     stderr_path = workdir / "proxy.stderr"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    config_args = ["--config", str(config_path)] if config_flag else []
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(config_path), *(args or [])],
+            [sys.executable, "-m", "proxy", *config_args, *(args or [])],
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env=env,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
         )
     p = ProxyProcess(
         proc=proc,
@@ -410,8 +420,10 @@ def wait_ready(p: ProxyProcess, timeout: float = PROXY_START_TIMEOUT) -> None:
     )
 
 
-def run_cli(args: list[str], timeout: float = 20.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m proxy ARGS`` to completion (for start-up failures)."""
+def run_cli(args: list[str], timeout: float = 20.0, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m proxy ARGS`` to completion (for start-up failures); ``env`` is added
+    to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
         cwd=cwd,
@@ -419,7 +431,7 @@ def run_cli(args: list[str], timeout: float = 20.0, cwd: Path | None = None) -> 
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
     )
 
 
@@ -473,11 +485,14 @@ def proxy(tmp_path, backend, refused_port):
         config: dict | None = None,
         args: list[str] | None = None,
         wait: bool = True,
+        env: dict[str, str] | None = None,
+        config_flag: bool = True,
     ) -> ProxyProcess:
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
         reg = standard_registry(backend.port, refused_port) if sandboxes is None else sandboxes
-        p = launch_proxy(workdir, reg, config=config, args=args, wait=wait)
+        p = launch_proxy(workdir, reg, config=config, args=args, wait=wait, env=env,
+                         config_flag=config_flag)
         started.append(p)
         return p
 
@@ -791,6 +806,31 @@ async def fetch(
         async with session.request(method, p.url(path), headers=hdrs, data=data) as resp:
             body = await resp.read()
             return Fetched(resp.status, resp.headers, body)
+
+
+async def metric_value(p: ProxyProcess, name: str, **labels: str) -> float | None:
+    """One sample of the proxy's /metrics (None when it is not there)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(p.metrics_url + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+async def http_status(url: str) -> int:
+    """The status of a GET (for /readyz and /healthz)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(url) as resp:
+            return resp.status
 
 
 def listening_ports(pid: int) -> set[int]:

@@ -7,7 +7,10 @@ module with ``from fleet import redis_server, dns_server, control_plane  # noqa:
   same port simulate an outage; ``client()`` is a synchronous redis-py client.
 - ``DnsServer``: ``dnsmasq`` authoritative for ``sandboxes.internal`` (so negative answers carry
   a SOA), records from a hosts file re-read on SIGHUP, TXT records given at start (``restart()``
-  to change them), TTL ``ttl`` seconds for answers and for negative answers.
+  to change them), TTL ``ttl`` seconds for answers and for negative answers. With
+  ``authoritative=False`` it is a plain (non-authoritative) server instead, where ``addresses``
+  are answered by ``--address=/name/ip``, as many setups publish names: such a name has its A
+  record, while other types of it (TXT) may be answered NXDOMAIN.
 - ``ControlPlane``: ``POST /resume`` records each call and runs ``on_resume(body)`` after
   ``delay`` seconds in a thread; answers ``status``.
 """
@@ -197,12 +200,14 @@ class RedisClusterServer:
 
 
 class DnsServer:
-    def __init__(self, workdir: Path, ttl: int = 1):
+    def __init__(self, workdir: Path, ttl: int = 1, authoritative: bool = True):
         self.workdir = workdir
+        self.authoritative = authoritative
         self.port = free_port_both()
         self.ttl = ttl
         self.hosts_file = workdir / "hosts"
         self.txt: dict[str, list[str]] = {}
+        self.addresses: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -210,25 +215,33 @@ class DnsServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self, hosts: dict[str, str] | None = None,
-              txt: dict[str, list[str]] | None = None) -> "DnsServer":
+              txt: dict[str, list[str]] | None = None,
+              addresses: dict[str, str] | None = None) -> "DnsServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         if hosts is not None or not self.hosts_file.exists():
             self.write_hosts(hosts or {}, reload=False)
         if txt is not None:
             self.txt = txt
+        if addresses is not None:
+            self.addresses = addresses
         args = [binary("dnsmasq", "/usr/sbin/dnsmasq"), "--keep-in-foreground",
                 "--conf-file=/dev/null", f"--port={self.port}", "--listen-address=127.0.0.1",
                 "--bind-interfaces", "--no-resolv", "--no-hosts", "--no-poll",
                 f"--addn-hosts={self.hosts_file}", f"--pid-file={self.workdir / 'pid'}",
-                f"--auth-zone={ZONE}", f"--auth-server=ns.{ZONE},127.0.0.1",
-                f"--auth-ttl={self.ttl}", f"--local-ttl={self.ttl}",
-                f"--auth-soa=1,hostmaster.{ZONE},60,60,600", "--log-facility=-"]
+                f"--local-ttl={self.ttl}", "--log-facility=-"]
+        if self.authoritative:
+            args += [f"--auth-zone={ZONE}", f"--auth-server=ns.{ZONE},127.0.0.1",
+                     f"--auth-ttl={self.ttl}", f"--auth-soa=1,hostmaster.{ZONE},60,60,600"]
+        else:
+            args.append(f"--local=/{ZONE}/")  # answered here only (NXDOMAIN), never forwarded
         if os.getuid() == 0:
             args.append("--user=root")
         for sandbox_id, strings in self.txt.items():
             # dnsmasq splits the strings at commas (and keeps quotes literally)
             assert not any("," in s for s in strings), "TXT strings cannot contain commas here"
             args.append(f"--txt-record={sandbox_id}.{ZONE},{','.join(strings)}")
+        for sandbox_id, address in self.addresses.items():
+            args.append(f"--address=/{sandbox_id}.{ZONE}/{address}")
         self.proc = subprocess.Popen(args, stdout=open(self.workdir / "dnsmasq.log", "ab"),
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_port(self.port, process=self.proc)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import aiohttp
+import openapi_spec_validator
 import pytest
+from openapi_schema_validator import OAS30Validator
 
 from conftest import fetch, free_port, not_found_body, registry_toml
 from fleet import closed_within, redis_server, ws_connect  # noqa: F401 - a fixture
@@ -68,6 +71,13 @@ async def test_openapi_is_public_and_describes_every_route(static_client):
                  for method in item if method != "parameters"}
     assert served == described
     assert json.loads(OPENAPI_PATH.read_text()) == spec
+
+
+def test_openapi_document_is_valid_openapi():
+    """openapi-spec-validator, the reference validator of OpenAPI documents."""
+    spec = json.loads(OPENAPI_PATH.read_text())
+    openapi_spec_validator.validate(spec)
+    assert spec["openapi"].startswith("3.0.")
 
 
 # -- CRUD over the static overlay ------------------------------------------------------------
@@ -223,7 +233,7 @@ async def test_redis_store_through_the_admin_api(redis_server, aiohttp_client):
         with redis_server.client() as redis:
             redis.set("sandbox:broken", "{")
         r = await client.get("/sandboxes/broken", headers=AUTH)
-        assert r.status == 500 and "invalid" in (await r.json())["error"]
+        assert r.status == 409 and "invalid" in (await r.json())["error"]
         redis_server.kill()
         for method, path in (("GET", "/sandboxes/abc"), ("PUT", "/sandboxes/abc"),
                              ("DELETE", "/sandboxes/abc"), ("GET", "/sandboxes")):
@@ -305,3 +315,108 @@ async def test_admin_api_of_the_running_proxy(proxy, backend):
             assert await closed_within(ws, 1.0) < 1.0
         r = await fetch(p, "/echo", host="3000-viaapi.localhost")
         assert r.status == 502 and r.json() == not_found_body("viaapi")
+
+
+# -- every answer of the running proxy's admin API is one the document describes --------------
+
+
+class SpecChecker:
+    """Holds answers to proxy/admin_openapi.json: the status is one the operation lists, the
+    body valid against that response's schema (OpenAPI 3.0 rules); answers for paths or
+    methods the document does not have are its Error object."""
+
+    def __init__(self) -> None:
+        self.spec = json.loads(OPENAPI_PATH.read_text())
+        self.problems: list[str] = []
+        self.seen: set[tuple[str, str, int]] = set()
+
+    def schema_errors(self, schema: dict, body) -> list[str]:
+        validator = OAS30Validator({**schema, "components": self.spec["components"]})
+        return [e.message for e in validator.iter_errors(body)]
+
+    def operation(self, method: str, path: str) -> tuple[str, dict] | None:
+        for template, item in self.spec["paths"].items():
+            pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
+            if re.match(pattern, path) and method.lower() in item:
+                return template, item[method.lower()]
+        return None
+
+    async def check(self, response: aiohttp.ClientResponse) -> None:
+        method, path = response.method, response.url.path
+        body = await response.read()
+        found = self.operation(method, path)
+        where = f"{method} {path} -> {response.status}"
+        if found is None:
+            if response.status not in (404, 405):
+                self.problems.append(f"{where}: not in the document")
+            data = json.loads(body)
+            errors = self.schema_errors({"$ref": "#/components/schemas/Error"}, data)
+            if errors or response.headers.get("Content-Type", "").split(";")[0] != \
+                    "application/json":
+                self.problems.append(f"{where}: not an Error object: {body[:200]!r}")
+            if response.status == 405 and not response.headers.get("Allow"):
+                self.problems.append(f"{where}: no Allow header")
+            self.seen.add((method, "?", response.status))
+            return
+        template, operation = found
+        self.seen.add((method, template, response.status))
+        documented = operation["responses"].get(str(response.status))
+        if documented is None:
+            self.problems.append(f"{where}: status not documented for {method} {template}")
+            return
+        content = documented.get("content", {}).get("application/json")
+        if content is None:
+            if body and template != "/openapi.json":
+                self.problems.append(f"{where}: a body where none is documented")
+            return
+        errors = self.schema_errors(content["schema"], json.loads(body))
+        if errors:
+            self.problems.append(f"{where}: {errors}")
+
+
+async def test_every_answer_of_the_running_admin_api_is_documented(proxy, redis_server):
+    """Through the real CLI on a real Redis: success and every error the API gives."""
+    admin_port = free_port()
+    p = proxy(sandboxes={}, config={
+        "registry": {"kind": "redis", "url": redis_server.url, "timeout": 0.5},
+        "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN}})
+    base = f"http://127.0.0.1:{admin_port}"
+    spec = SpecChecker()
+    with redis_server.client() as redis:
+        redis.set("sandbox:broken", '{"host": 7}')
+    record = {"host": "10.0.0.1", "ports": {"3000": 32768}, "traffic_access_token": "t0k",
+              "mask_request_host": "localhost:${PORT}", "state": "paused", "auto_resume": True}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def call(method: str, path: str, headers=AUTH, **kwargs) -> int:
+            async with session.request(method, base + path, headers=headers, **kwargs) as r:
+                await spec.check(r)
+                return r.status
+
+        assert await call("GET", "/openapi.json", headers={}) == 200
+        assert await call("PUT", "/sandboxes/abc", json=record) == 200
+        assert await call("PUT", "/sandboxes/other", json={"host": "10.0.0.2"}) == 200
+        assert await call("PUT", "/sandboxes/abc", json={"host": 1}) == 400
+        assert await call("PUT", "/sandboxes/abc", json={"host": "h", "colour": 1}) == 400
+        assert await call("PUT", "/sandboxes/abc", data=b"{not json") == 400
+        assert await call("PUT", "/sandboxes/Bad_Id", json={"host": "10.0.0.1"}) == 400
+        assert await call("PUT", "/sandboxes/abc", data=b"x" * (70 * 1024)) == 413
+        assert await call("GET", "/sandboxes/abc") == 200
+        assert await call("GET", "/sandboxes/nobody") == 404
+        assert await call("GET", "/sandboxes/broken") == 409  # was an undocumented 500
+        assert await call("GET", "/sandboxes/Bad_Id") == 400
+        assert await call("GET", "/sandboxes?limit=1") == 200
+        assert await call("GET", "/sandboxes?limit=0") == 400
+        assert await call("GET", "/sandboxes", headers={}) == 401
+        assert await call("DELETE", "/sandboxes/other") == 204
+        assert await call("DELETE", "/sandboxes/other") == 404
+        # what the document does not have: the documented Error shape all the same
+        assert await call("POST", "/sandboxes/abc", json=record) == 405
+        assert await call("PATCH", "/sandboxes", json=record) == 405
+        assert await call("GET", "/nothing/here") == 404
+        assert await call("GET", "/sandboxes/abc/extra") == 404
+        redis_server.kill()
+        for method, path in (("GET", "/sandboxes/abc"), ("PUT", "/sandboxes/abc"),
+                             ("DELETE", "/sandboxes/abc"), ("GET", "/sandboxes")):
+            assert await call(method, path, json=record) == 503
+    assert not spec.problems, "\n".join(spec.problems)
+    assert {s for _, _, s in spec.seen} >= {200, 204, 400, 401, 404, 405, 409, 413, 503}

@@ -37,6 +37,10 @@ def test_shipped_config_loads_and_documents_every_key():
     ('[server]\nworkers = -1', "[server] workers"),
     ('[server]\nworkers = true', "[server] workers"),
     ('[server]\ntrusted_proxies = ["10.0.0.0/99"]', "[server] trusted_proxies"),
+    ('[server]\ntrusted_proxies = [10]', "[server] trusted_proxies"),  # not 0.0.0.10
+    ('[upstream]\nallowed_networks = [167772160]', "[upstream] allowed_networks"),
+    ('[log]\nformat = "xml"', "[log] format"),
+    ('[metrics]\nready_requires_registry = "yes"', "[metrics] ready_requires_registry"),
     ('[server]\nlisen = "1:2"', "[server] lisen"),
     ('[registry]\nkind = "etcd"', "[registry] kind"),
     ('[timeouts]\nconnect = 0', "[timeouts] connect"),

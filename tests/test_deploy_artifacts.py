@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -413,13 +414,25 @@ class Image:
         entrypoints = [args for keyword, args in final if keyword == "ENTRYPOINT"]
         cmds = [args for keyword, args in final if keyword == "CMD"]
         healthchecks = [args for keyword, args in final if keyword == "HEALTHCHECK"]
-        assert len(entrypoints) == 1 and len(cmds) == 1 and len(healthchecks) == 1
+        assert len(entrypoints) == 1 and len(cmds) <= 1 and len(healthchecks) == 1
         self.entrypoint = exec_form(entrypoints[0])
-        self.cmd = exec_form(cmds[0])
+        # An ENTRYPOINT resets the base image's CMD: without a CMD of its own the image runs
+        # the ENTRYPOINT alone.
+        self.cmd = exec_form(cmds[0]) if cmds else []
         options, sep, command = healthchecks[0].partition("CMD ")
         assert sep, "HEALTHCHECK needs a CMD"
         self.healthcheck_options = options.split()
         self.healthcheck = exec_form(command.strip())
+        self.env: dict[str, str] = {}
+        for keyword, args in final:
+            if keyword == "ENV":
+                for item in shlex.split(args):
+                    name, sep, value = item.partition("=")
+                    assert sep, f"ENV {args}: use the NAME=value form"
+                    self.env[name] = value
+        # COPY <repository path> <image path>, from the build context (not --from a stage)
+        self.copies = [tuple(args.split()[-2:]) for keyword, args in final
+                       if keyword == "COPY" and "--from" not in args]
 
     @property
     def argv(self) -> list[str]:
@@ -427,7 +440,10 @@ class Image:
 
     @property
     def config_path(self) -> str:
-        return self.cmd[self.cmd.index("--config") + 1]
+        """The config file the image reads: --config in CMD, else $SANDBOX_PROXY_CONFIG."""
+        if "--config" in self.cmd:
+            return self.cmd[self.cmd.index("--config") + 1]
+        return self.env["SANDBOX_PROXY_CONFIG"]
 
     @property
     def uid(self) -> int:
@@ -441,14 +457,24 @@ def image() -> Image:
     return Image(DOCKERFILE.read_text())
 
 
+# python:<major>.<minor>.<patch>-slim-<debian release>: nothing moves under a rebuild but a
+# re-pushed tag of the same release.
+PINNED_BASE = re.compile(r"python:3\.11\.\d+-slim-(bookworm|trixie)")
+
+
 def test_dockerfile(image):
     stages = image.stages
     assert len(stages) >= 2, "multi-stage build expected"
     builder = stages[0]
-    assert re.fullmatch(r"python:3\.11-slim\S* AS builder", builder[0][1], re.IGNORECASE)
-    assert image.base.startswith("python:3.11-slim")
+    base, _, alias = builder[0][1].partition(" ")
+    assert PINNED_BASE.fullmatch(base) and alias.upper() == "AS BUILDER", builder[0][1]
+    assert image.base == base, "the builder and the runtime use the same base image"
     builder_runs = " ".join(args for keyword, args in builder if keyword == "RUN")
     assert "pip wheel" in builder_runs
+    # every version pinned: the build installs with constraints.txt, also for its build backend
+    assert "PIP_CONSTRAINT=/src/constraints.txt pip wheel" in builder_runs
+    copied = [a for keyword, args in builder if keyword == "COPY" for a in args.split()[:-1]]
+    assert "constraints.txt" in copied and "LICENSE" in copied
     for keyword, args in builder:
         if keyword == "COPY":
             for source in args.split()[:-1]:
@@ -464,7 +490,12 @@ def test_dockerfile(image):
     # ports, command, health check
     assert {8080, 9091, 9092} <= image.exposed
     assert image.entrypoint == ["sandbox-proxy"]
-    assert image.cmd == ["--config", "/etc/sandbox-proxy/proxy.toml"]
+    # the config file comes from the environment, so that `docker run IMAGE --log-level debug`
+    # and `-e SANDBOX_PROXY_CONFIG=...` both work
+    assert image.cmd == []
+    assert image.config_path == "/etc/sandbox-proxy/proxy.toml"
+    assert ("config/container/", "/etc/sandbox-proxy/") in image.copies
+    assert "sandbox-proxy --check" in final_runs  # the baked config is validated at build time
     script = " ".join(image.healthcheck)
     assert image.healthcheck[0] == "python" and "urllib" in script
     assert "127.0.0.1:9091/healthz" in script
@@ -512,9 +543,12 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_exactly_what_the_build_needs(image):
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                 if line.strip() and not line.strip().startswith("#")]
-    needed = ["pyproject.toml", "README.md"]  # pyproject's readme: the wheel build reads it
+    # pyproject's readme and license file: the wheel build reads them
+    needed = ["pyproject.toml", "README.md", "LICENSE", "constraints.txt"]
     needed += [str(p.relative_to(REPO)) for p in (REPO / "proxy").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts]
+    needed += [str(p.relative_to(REPO)) for p in (REPO / "config" / "container").rglob("*")
+               if p.is_file()]
     assert "proxy/admin_openapi.json" in needed
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} is needed by the build but ignored"
@@ -568,10 +602,13 @@ def toml_block(doc: str, first_line: str) -> str:
     raise AssertionError(f"docs/deployment.md has no toml block starting with {first_line!r}")
 
 
-def start_image_command(workdir: Path, image: Image, config: dict,
-                        registry: dict | None) -> ProxyProcess:
+def start_image_command(workdir: Path, image: Image, config: dict | None,
+                        registry: dict | None, env: dict[str, str] | None = None,
+                        ) -> ProxyProcess:
     """Run ENTRYPOINT + CMD as the image does: the console script next to this interpreter, the
-    config directory at the place of /etc/sandbox-proxy, the working directory `/`."""
+    config directory at the place of /etc/sandbox-proxy (holding `config` as proxy.toml, or what
+    the image bakes in when None), the image's SANDBOX_PROXY_* environment plus `env`, the
+    working directory `/`."""
     mount_target = str(Path(image.config_path).parent)
     assert mount_target == "/etc/sandbox-proxy"
     conf_dir = workdir / "etc-sandbox-proxy"
@@ -580,20 +617,33 @@ def start_image_command(workdir: Path, image: Image, config: dict,
     script = Path(sys.executable).parent / argv[0]
     assert script.exists(), f"console script {argv[0]} not installed next to {sys.executable}"
     argv[0] = str(script)
+    environment = {k: v.replace(mount_target, str(conf_dir)) for k, v in image.env.items()
+                   if k.startswith("SANDBOX_PROXY_")}
+    environment.update(env or {})
     config_path = Path(image.config_path.replace(mount_target, str(conf_dir)))
-    config_path.write_text(to_toml(config))
+    if config is None:  # the image's own files, where its COPY puts them
+        for source, target in image.copies:
+            if target.rstrip("/") == mount_target:
+                for path in (REPO / source).iterdir():
+                    (conf_dir / path.name).write_bytes(path.read_bytes())
+        config = tomllib.loads(config_path.read_text())
+    else:
+        config_path.write_text(to_toml(config))
     registry_path = conf_dir / "sandboxes.toml"
     if registry is not None:
         registry_path.write_text(registry_toml(registry))
     stdout_path, stderr_path = workdir / "proxy.stdout", workdir / "proxy.stderr"
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    p = ProxyProcess(proc=proc, port=int(config["server"]["listen"].rsplit(":", 1)[1]),
-                     metrics_port=int(config["metrics"]["listen"].rsplit(":", 1)[1]),
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", **environment))
+    listen = environment.get("SANDBOX_PROXY_LISTEN") or config["server"]["listen"]
+    metrics = environment.get("SANDBOX_PROXY_METRICS_LISTEN") or config["metrics"]["listen"]
+    domains = environment.get("SANDBOX_PROXY_DOMAINS", "").replace(",", " ").split()
+    p = ProxyProcess(proc=proc, port=int(listen.rsplit(":", 1)[1]),
+                     metrics_port=int(metrics.rsplit(":", 1)[1]),
                      workdir=workdir, config_path=config_path, registry_path=registry_path,
                      stdout_path=stdout_path, stderr_path=stderr_path,
-                     domains=list(config["server"]["domains"]))
+                     domains=domains or list(config["server"]["domains"]))
     try:
         wait_ready(p)
     except BaseException:
@@ -660,6 +710,56 @@ async def test_image_command_on_the_documented_config(tmp_path, image, backend):
         code = p.stop(grace=10)
     assert code == 0, p.stderr()  # SIGTERM (docker stop) drains and exits 0
     assert run_healthcheck(image, p.metrics_port).returncode != 0
+
+
+async def test_image_without_a_mount_serves_its_baked_config(tmp_path, image, backend,
+                                                             redis_server):
+    """`docker run sandbox-proxy` with no mount: the config the Dockerfile copies from
+    config/container/ listens on all interfaces and starts; SANDBOX_PROXY_* variables make it a
+    fleet member without a file of its own."""
+    baked = REPO / "config" / "container" / "proxy.toml"
+    config = load_config(baked, environ={})
+    assert config.server.listen == ListenAddress("0.0.0.0", 8080)
+    assert config.metrics.listen == ListenAddress("0.0.0.0", 9091)  # the HEALTHCHECK's port
+    assert {8080, 9091} <= image.exposed
+    assert config.registry.kind == "static" and config.registry.path.exists()
+    assert config.admin.listen is None
+    # the ports are the only change: 8080 and 9091 may be taken on this machine
+    ports = {"SANDBOX_PROXY_LISTEN": f"0.0.0.0:{free_port()}",
+             "SANDBOX_PROXY_METRICS_LISTEN": f"0.0.0.0:{free_port()}"}
+    p = start_image_command(tmp_path / "plain", image, None, None, env=ports)
+    try:
+        r = await fetch(p, "/", host="3000-demo.localhost")
+        assert r.status == 502 and r.json()["message"] == "The sandbox was not found"
+        assert run_healthcheck(image, p.metrics_port).returncode == 0
+        assert all(json.loads(line) for line in p.stderr().splitlines())  # [log] format
+    finally:
+        assert p.stop(grace=10) == 0, p.stderr()
+
+    redis_server.put("demo", {"host": "127.0.0.1", "ports": {"3000": backend.port}})
+    admin = free_port()
+    p = start_image_command(tmp_path / "fleet", image, None, None, env={
+        **ports, "SANDBOX_PROXY_DOMAINS": DOCS_DOMAIN,
+        "SANDBOX_PROXY_REGISTRY_KIND": "redis", "SANDBOX_PROXY_REGISTRY_URL": redis_server.url,
+        "SANDBOX_PROXY_ADMIN_LISTEN": f"0.0.0.0:{admin}",
+        "SANDBOX_PROXY_ADMIN_TOKEN": "admin-token-0123456789abcdef",
+        "SANDBOX_PROXY_ALLOWED_NETWORKS": "127.0.0.0/8"})
+    try:
+        assert (await fetch(p, "/echo", host=f"3000-demo.{DOCS_DOMAIN}")).status == 200
+        assert (await fetch(p, "/echo", host="3000-demo.localhost")).status == 400
+
+        async def admin_lists() -> bool:
+            try:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(
+                            f"http://127.0.0.1:{admin}/sandboxes",
+                            headers={"Authorization": "Bearer admin-token-0123456789abcdef"}) as r:
+                        return r.status == 200 and (await r.json())["sandboxes"][0]["id"] == "demo"
+            except aiohttp.ClientConnectionError:
+                return False
+        await wait_until(admin_lists, 5)
+    finally:
+        assert p.stop(grace=10) == 0, p.stderr()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -910,6 +1010,7 @@ REQUIRED_ALERT_SIGNALS = {
     "reload errors": re.compile(r'sandbox_proxy_reloads_total\{result="error"\}'),
     "p99 ttfb": re.compile(r"histogram_quantile\(0\.99,.*sandbox_proxy_request_duration_seconds"
                            r"_bucket", re.DOTALL),
+    "fd growth": re.compile(r"sandbox_proxy_process_open_fds"),
 }
 
 
@@ -932,6 +1033,33 @@ def test_alert_rules():
     assert duration_seconds(drain["for"]) > defaults.drain_delay + defaults.drain_timeout
 
 
+PROMTOOL_TESTS = REPO / "tests" / "promtool" / "alerts_test.yml"
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:  # a failure in CI (SANDBOX_PROXY_NO_SKIP=1), where .ci/run installs it
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return found
+
+
+def test_alert_rules_pass_promtool(promtool):
+    """Prometheus's own tool: the rules load, and their unit tests (synthetic series, which
+    alerts fire and when) pass."""
+    check = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rules = [r["alert"] for g in load_yaml(ALERTS)["groups"] for r in g["rules"]]
+    assert f"SUCCESS: {len(rules)} rules found" in check.stdout
+    unit = subprocess.run([promtool, "test", "rules", str(PROMTOOL_TESTS)], capture_output=True,
+                          text=True, timeout=60)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    tested = set(re.findall(r"alertname: (\w+)", PROMTOOL_TESTS.read_text()))
+    assert {"SandboxProxyFileDescriptorsGrowing", "SandboxProxyRegistryUnavailable"} <= tested
+    assert tested <= set(rules)
+
+
 # ------------------------------------------------------------------------------------------------
 # Grafana
 # ------------------------------------------------------------------------------------------------
@@ -946,6 +1074,10 @@ DASHBOARD_METRICS = {
     "sandbox_proxy_registry_lookups_total", "sandbox_proxy_registry_lookup_duration_seconds_bucket",
     "sandbox_proxy_reloads_total", "sandbox_proxy_draining", "sandbox_proxy_request_bytes_total",
     "sandbox_proxy_response_bytes_total", "sandbox_proxy_resumes_total",
+    # the README's leak criteria, graphable
+    "sandbox_proxy_process_resident_memory_bytes", "sandbox_proxy_process_open_fds",
+    "sandbox_proxy_process_max_fds", "sandbox_proxy_process_cpu_seconds_total",
+    "sandbox_proxy_process_start_time_seconds", "sandbox_proxy_access_log_dropped_lines_total",
 }
 
 
@@ -1088,19 +1220,19 @@ async def test_kubernetes_config_serves_with_redis(tmp_path, image, backend, red
         unknown = set(METRIC_NAME.findall(KUBERNETES.read_text())) - exported.names
         assert not unknown
 
-        # Redis goes away: not ready, and the registry alert's condition holds
+        # Redis goes away: the registry alert's condition holds, the probe still passes (one
+        # Redis outage must not take every replica out of the Service at once)
         redis_server.kill()
 
-        async def unready() -> bool:
-            try:
-                with urllib.request.urlopen(p.metrics_url + "/readyz", timeout=2):
-                    return False
-            except urllib.error.HTTPError as exc:
-                return exc.code == 503
-        await wait_until(unready, timeout=15)
-        samples = {s.name: s.value for f in text_string_to_metric_families(await scrape(p))
-                   for s in f.samples if not s.labels}
-        assert samples["sandbox_proxy_registry_ready"] < samples["sandbox_proxy_workers"]
+        async def alerting() -> bool:
+            samples = {s.name: s.value for f in text_string_to_metric_families(await scrape(p))
+                       for s in f.samples if not s.labels}
+            return samples["sandbox_proxy_registry_ready"] < samples["sandbox_proxy_workers"]
+        await wait_until(alerting, timeout=15)
+        with urllib.request.urlopen(p.metrics_url + "/readyz", timeout=5) as resp:
+            assert resp.status == 200
+        r = await fetch(p, "/echo", host=f"3000-demo.{domain}")
+        assert r.status == 503 and r.json()["message"] == "registry unavailable"
         assert p.alive()
     finally:
         code = p.stop(grace=10)
@@ -1142,5 +1274,5 @@ def test_docs_name_the_artifacts():
             assert f"`{rule['alert']}`" in doc, rule["alert"]
     # the shell lines in the docs parse
     for block in re.findall(r"```sh\n(.*?)```", doc, re.DOTALL):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
             shlex.split(line.replace("…", "x"))

@@ -7,6 +7,9 @@ import asyncio
 import json
 import time
 
+import dns.asyncresolver
+import dns.nameserver
+import dns.resolver
 import pytest
 
 from conftest import fetch, not_found_body, wait_until
@@ -140,6 +143,34 @@ async def test_unknown_txt_key_fails_closed(dns_server):
         await registry.close()
 
 
+@pytest.fixture
+def plain_dns_server(tmp_path):
+    """dnsmasq answering by --address=/name/ip, not authoritative: such a name has its A record
+    while its TXT and AAAA are NXDOMAIN."""
+    server = DnsServer(tmp_path / "plain-dns", authoritative=False)
+    yield server
+    server.kill()
+
+
+async def test_address_answer_decides_existence_when_txt_is_nxdomain(plain_dns_server):
+    plain_dns_server.start(addresses={"abc": "127.0.0.5"})
+    # what the server answers: the A record, and NXDOMAIN for TXT of the same name
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", plain_dns_server.port)]
+    assert (await resolver.resolve("abc.sandboxes.internal", "A"))[0].address == "127.0.0.5"
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        await resolver.resolve("abc.sandboxes.internal", "TXT")
+    registry = await started(plain_dns_server)
+    try:
+        record = await registry.lookup("abc")
+        assert record is not None and record.host == "127.0.0.5"
+        assert record.backend_port(3000) == 3000 and record.mask_request_host is None
+        assert registry.lookup_outcomes["found"] == 1
+        assert await registry.lookup("nobody") is None  # NXDOMAIN for A as well: not found
+    finally:
+        await registry.close()
+
+
 async def test_record_gone_or_moved_at_ttl_is_a_removal(dns_server):
     dns_server.start(hosts={"abc": "127.0.0.5", "other": "127.0.0.6"})
     registry = await started(dns_server)
@@ -211,6 +242,17 @@ async def test_record_removed_from_dns_closes_websocket(proxy, backend, dns_serv
         assert r.status == 502 and r.json() == not_found_body("doomed")
         await keep.send("still here")
         assert await asyncio.wait_for(keep.recv(), 5) == "still here"
+
+
+async def test_sandbox_published_by_address_only_is_served(proxy, backend, plain_dns_server):
+    """A name dnsmasq answers with --address (A, and NXDOMAIN for TXT) is a sandbox without
+    settings: served on the same port, not answered 502 "not found"."""
+    plain_dns_server.start(addresses={"demo": "127.0.0.1"})
+    p = proxy(sandboxes={}, config=dns_config(plain_dns_server))
+    r = await fetch(p, "/echo", host=f"{backend.port}-demo.localhost")
+    assert r.status == 200, r.body
+    r = await fetch(p, "/echo", host=f"{backend.port}-nobody.localhost")
+    assert r.status == 502 and r.json() == not_found_body("nobody")
 
 
 async def test_dns_down_is_503_never_a_hang(proxy, backend, dns_server):

@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from conftest import fetch, not_found_body, run_cli, wait_until
+from conftest import fetch, metric_value, not_found_body, run_cli, wait_until
 from fleet import (RedisServer, check_core_scenarios, closed_within, core_records,  # noqa: F401
                    redis_cluster, redis_server, sentinel_server, ws_connect)  # fixtures
 from proxy.config import ConfigError, RegistryConfig, load_config
@@ -250,7 +250,8 @@ async def test_redis_down_is_503_never_a_hang_and_recovers(proxy, backend, redis
     p = proxy(sandboxes={}, config=registry_config(redis_server))
     assert (await fetch(p, "/echo", host="3000-demo.localhost")).status == 200
     redis_server.kill()
-    await wait_until(lambda: _readyz_is(p, 503), 3)  # the proxy has noticed
+    await wait_until(lambda: _registry_lost(p), 3)  # the proxy has noticed
+    assert await _readyz_is(p, 200)  # and still takes traffic (tests/test_readiness.py)
     for sandbox_id in ("demo", "unknown"):
         start = time.monotonic()
         r = await fetch(p, "/echo", host=f"3000-{sandbox_id}.localhost", timeout=10)
@@ -266,6 +267,10 @@ async def test_redis_down_is_503_never_a_hang_and_recovers(proxy, backend, redis
     await wait_until(served, 5)
     await wait_until(lambda: _readyz_is(p, 200), 3)
     assert p.alive()
+
+
+async def _registry_lost(p) -> bool:
+    return await metric_value(p, "sandbox_proxy_registry_ready") == 0
 
 
 async def _readyz_is(p, status: int) -> bool:

@@ -3,7 +3,8 @@ or Kubernetes DNS can be the registry.
 
 A look-up asks the configured nameservers for A, AAAA and TXT of the name at once (dnspython's
 asyncio resolver; no search list, no system resolver). The first A address is the backend (else
-the first AAAA). An optional TXT record on the same name carries per-sandbox settings as
+the first AAAA); the address records alone say whether the sandbox exists, so an NXDOMAIN for
+the TXT (or AAAA) query beside an A answer, as dnsmasq's `--address` gives, means no settings. An optional TXT record on the same name carries per-sandbox settings as
 `key=value` strings, validated like every other record (proxy/registry/record.py):
 
     mask=localhost:${PORT}      -> mask_request_host
@@ -108,19 +109,20 @@ class DnsRegistry(RemoteRegistry):
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, dns.resolver.NXDOMAIN):
                 raise RegistryUnreachable(f"dns registry: {type(answer).__name__}: {answer}")
-        if any(isinstance(a, dns.resolver.NXDOMAIN) for a in answers):
-            nx = next(a for a in answers if isinstance(a, dns.resolver.NXDOMAIN))
-            return None, self._negative_ttl(nx.responses().values())
+        # The address records alone decide whether the sandbox exists: a server may answer a
+        # name's A record and NXDOMAIN for its other types (dnsmasq's --address does), which
+        # then only means "no TXT settings".
         a, aaaa, txt = answers
-        address = next((rdata.address for answer in (a, aaaa) if answer.rrset is not None
-                        for rdata in answer.rrset), None)
+        address = next((rdata.address for answer in (a, aaaa) if _rrset(answer) is not None
+                        for rdata in _rrset(answer)), None)
         if address is None:
-            return None, self._negative_ttl([a.response, aaaa.response])
-        ttls = [answer.rrset.ttl for answer in (a, aaaa, txt) if answer.rrset is not None]
-        if txt.rrset is None and (negative := self._negative_ttl([txt.response])) > 0:
+            return None, self._negative_ttl(_responses(a, aaaa))
+        ttls = [rrset.ttl for answer in (a, aaaa, txt) if (rrset := _rrset(answer)) is not None]
+        txt_rrset = _rrset(txt)
+        if txt_rrset is None and (negative := self._negative_ttl(_responses(txt))) > 0:
             ttls.append(negative)  # a TXT added later is seen within its negative TTL
         ttl = float(min(ttls))
-        settings = txt_settings(txt.rrset) if txt.rrset is not None else {}
+        settings = txt_settings(txt_rrset) if txt_rrset is not None else {}
         try:
             return record_from_mapping(sandbox_id, {"host": address, **settings}), ttl
         except ValueError as exc:
@@ -165,6 +167,22 @@ class DnsRegistry(RemoteRegistry):
         except (dns.exception.DNSException, OSError):
             return
         self._fetch_succeeded()
+
+
+def _rrset(answer):
+    """The record set of an answer; None for no data and for NXDOMAIN."""
+    return None if isinstance(answer, dns.resolver.NXDOMAIN) else answer.rrset
+
+
+def _responses(*answers) -> list:
+    """The DNS messages behind answers and NXDOMAINs (for their SOA)."""
+    out = []
+    for answer in answers:
+        if isinstance(answer, dns.resolver.NXDOMAIN):
+            out.extend(answer.responses().values())
+        else:
+            out.append(answer.response)
+    return out
 
 
 def txt_settings(rrset) -> dict:
