@@ -19,7 +19,8 @@ The edge depends only on the `Registry` protocol below:
   unavailable`. `port` is the requested sandbox port; only the resume webhook uses it.
 - removal listeners are called with the ids of sandboxes that were removed or re-pointed (host or
   ports changed); the proxy then closes every connection to them at once.
-- `ready()` feeds /readyz: False while the store is unreachable.
+- `ready()`: False while the store is unreachable; it feeds the `registry_ready` metric (and
+  /readyz only with `[metrics] ready_requires_registry = true`).
 - admin writes (`put`, `delete`) go to the kind's own store; a read-only kind has
   `writable = False` and the admin API answers 405.
 """
