@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick soak clean
+.PHONY: run test fuzz bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The differential invariant suite (tests/test_invariants.py) with many more generated examples
+# than `make test` runs; FUZZ_EXAMPLES=N to change how many.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	SANDBOX_PROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_invariants.py -s $(PYTEST_ARGS)
 
 # `make bench` (~15-20 min) writes benchmarks/results/; `make bench-quick` (~1 min) is the
 # before/after check for hot-path changes. Extra flags: make bench BENCH_ARGS="--only ours,nginx"
