@@ -6,8 +6,8 @@ these tests alone (no llhttp, so it does not share the proxy's blind spots). Wha
 forwards must be RFC 9112 to the letter: one request line `METHOD SP target SP HTTP/1.1`, header
 lines `name: value` with token names and no obs-fold, bare CR or LF, exactly one Host, at most one
 framing (a single `Content-Length: 1*DIGIT` or a single `Transfer-Encoding: chunked`, never both).
-A connection the parser rejects is answered `400` and closed, and `ReceivedConnection.error` says
-why.
+A connection the parser rejects is answered `400` (``X-Test-Id: backend-parse-error``) and closed,
+and `ReceivedConnection.error` says why.
 
 Each complete request is answered by a script. The default one (`scripted_reply`) reads the
 request target: the marker is the path segment after `/m/` (echoed in `X-Test-Id`, so a client
@@ -26,6 +26,8 @@ behaviour is the `script=` query parameter, some of it hostile on purpose:
 ``gzipchunked``        ``Transfer-Encoding: gzip, chunked`` carrying GZIP_PAYLOAD gzipped
 ``setcookie``          ``Set-Cookie`` lines taken from the request's ``X-Set-Cookie`` headers
 ``echo``               200 whose body is the request head as received
+``headbody``           a Content-Length body (itself a response) even for HEAD; any other
+                       script answers HEAD with ``ok``'s head alone
 ``closemid``           Content-Length: 100, 10 bytes of body, then a close
 
 The unsolicited response says ``smuggled`` (body and ``X-Test-Id``); the backend keeps serving
@@ -265,6 +267,9 @@ def scripted_reply(name: str, req: ReceivedRequest) -> list:
     marker = req.marker
     script = query_of(req.target).get("script", "ok")
     mk, nm = marker.encode(), name.encode()
+    if req.method == b"HEAD" and script != "headbody":
+        full = ok_response(name, marker)
+        return [full[:full.find(b"\r\n\r\n") + 4]]  # the head alone, as RFC 9110 9.3.2 says
     if script == "chunked":
         return [chunked_response(name, marker)]
     if script == "refuse":
@@ -296,6 +301,10 @@ def scripted_reply(name: str, req: ReceivedRequest) -> list:
     if script == "setcookie":
         lines = b"".join(b"Set-Cookie: " + v + b"\r\n" for v in req.header_all("x-set-cookie"))
         return [ok_response(name, marker, extra=lines)]
+    if script == "headbody":  # a body after the head of a HEAD response (a hostile backend)
+        body = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Test-Id: smuggled\r\n\r\nsmuggled"
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Test-Id: %s\r\nX-Backend: %s\r\n"
+                b"\r\n%s" % (len(body), mk, nm, body)]
     if script == "echo":
         head = req.raw[:req.raw.find(b"\r\n\r\n") + 4]
         return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Test-Id: %s\r\nX-Backend: %s\r\n"
@@ -381,6 +390,7 @@ class RecordingBackend:
                         with lock:
                             conn.error = str(exc)
                         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                                     b"X-Test-Id: backend-parse-error\r\n"
                                      b"X-Backend: " + self.name.encode() + b"\r\n"
                                      b"Connection: close\r\n\r\n")
                         break

@@ -5,17 +5,19 @@ requests written in one or two sends, to several sandboxes (two open, two with a
 unknown), with or without credentials (token header, browser cookie, `?access_token`, each valid,
 wrong or the other sandbox's), `Connection` options naming arbitrary headers (framing, Host,
 X-Forwarded-For, the credentials, random names), bodies framed by Content-Length or chunked (with
-extensions and trailers; some bodies are themselves requests), and upgrades the backend accepts or
-refuses. Every request carries a marker, in its path and in X-Test-Id. Every sandbox has a
-recording backend of its own (tests/recording_backend.py) that parses strictly and answers as the
-request's `script=` asks, sometimes with hostile answers (an extra unsolicited response, a
-`Connection: Content-Length` response, a close mid-body).
+extensions and trailers, some trailers a forged X-Forwarded-For or a token; some bodies are
+themselves requests), HEAD requests, and upgrades the backend accepts or refuses. Every request
+carries a marker, in its path and in X-Test-Id. Every sandbox has a recording backend of its own
+(tests/recording_backend.py) that parses strictly and answers as the request's `script=` asks,
+sometimes with hostile answers (an extra unsolicited response, a body after a HEAD response's head,
+a `Connection: Content-Length` response, a close mid-body).
 
 After each example the checks are:
 
-- every request a backend received is one the client sent to THAT sandbox, once, with the same
-  method, the same target (less the `access_token` credential) and exactly the body the client
-  framed; what the proxy sent parses strictly;
+- every request a backend received is one the client sent to THAT sandbox, once (an idempotent
+  one may be retried, RFC 9110 9.2.2), with the same method, the same target (less the
+  `access_token` credential) and exactly the body the client framed; what the proxy sent parses
+  strictly and leaves nothing unread;
 - each client connection received one response per request, in request order (the backend echoes
   the marker), each from the right sandbox and with the body the backend sent;
 - no token value (header, cookie or query) reached any backend outside a tunnel;
@@ -33,7 +35,9 @@ examples (``make fuzz`` runs 2000).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import os
 import random
 import re
@@ -61,6 +65,8 @@ UNKNOWN = "ghost"
 TOKEN_HEADER = "e2b-traffic-access-token"
 COOKIE = "sandbox-access-token"
 MARKER = re.compile(rb"i\d+x(?:s)?")
+# A proxy may retry these on a new connection when the first one failed (RFC 9110 9.2.2)
+IDEMPOTENT = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +88,7 @@ class Spec:
     body: bytes | None  # None: a body that is itself a request (made with the marker)
     chunk_cuts: list[int]
     chunk_ext: bool
-    trailers: bool
+    trailers: str | None  # marker (X-Trailer) | forwarded (a forged X-Forwarded-For) | token
     hop: bool
     forged_xff: bool
     query_first: bool
@@ -133,13 +139,17 @@ def request_specs(draw) -> Spec:
     options = [draw(st.sampled_from(CASES))(name) for name in
                draw(st.lists(st.sampled_from(OPTION_NAMES), max_size=3, unique=True))]
     if upgrade:
+        method = "GET"
         options.append(draw(st.sampled_from(CASES))("upgrade"))
         script = draw(st.sampled_from(["accept", "accept", "refuse"]))
         framing, body = "none", b""
     else:
         if draw(st.integers(0, 11)) == 0:
             options.append("close")
-        script = draw(st.sampled_from(PLAIN_SCRIPTS))
+        method = draw(st.sampled_from(["GET", "GET", "POST", "POST", "PUT", "PATCH", "DELETE",
+                                       "OPTIONS", "HEAD"]))
+        script = draw(st.sampled_from(["ok", "ok", "headbody"] if method == "HEAD"
+                                      else PLAIN_SCRIPTS))
         framing = draw(st.sampled_from(["none"] * 3 + ["length"] * 3 + ["chunked"] * 2))
         if framing == "none":
             body = b""
@@ -150,12 +160,11 @@ def request_specs(draw) -> Spec:
     draw_options = draw(st.permutations(options))
     cuts = draw(st.lists(st.integers(1, 64), max_size=3))
     return Spec(
-        sandbox=sandbox,
-        method="GET" if upgrade else draw(st.sampled_from(
-            ["GET", "GET", "POST", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])),
+        sandbox=sandbox, method=method,
         suffix=draw(st.sampled_from(SUFFIXES)), script=script, upgrade=upgrade, creds=creds,
         options=draw_options, framing=framing, body=body, chunk_cuts=cuts,
-        chunk_ext=draw(st.integers(0, 4)) == 0, trailers=draw(st.integers(0, 3)) == 0,
+        chunk_ext=draw(st.integers(0, 4)) == 0,
+        trailers=draw(st.sampled_from([None, None, None, "marker", "forwarded", "token"])),
         hop=draw(st.booleans()), forged_xff=draw(st.integers(0, 4)) == 0,
         query_first=draw(st.booleans()), order_seed=draw(st.integers(0, 2 ** 16)))
 
@@ -179,6 +188,16 @@ def token_value(spec: Spec, value: str) -> str:
     return WRONG
 
 
+def trailer_line(spec: Spec, marker: str) -> bytes | None:
+    if spec.trailers == "marker":
+        return b"X-Trailer: " + marker.encode()
+    if spec.trailers == "forwarded":
+        return b"X-Forwarded-For: 6.6.6.6"
+    if spec.trailers == "token":
+        return f"{TOKEN_HEADER}: {token_value(spec, 'valid')}".encode()
+    return None
+
+
 def chunked(body: bytes, cuts: list[int], ext: bool, trailer: bytes | None) -> bytes:
     pieces, pos = [], 0
     for cut in cuts:
@@ -189,7 +208,7 @@ def chunked(body: bytes, cuts: list[int], ext: bool, trailer: bytes | None) -> b
     if pos < len(body):
         pieces.append(body[pos:])
     out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";ext=1" if ext else b"", p) for p in pieces)
-    return out + b"0\r\n" + (b"X-Trailer: " + trailer + b"\r\n" if trailer else b"") + b"\r\n"
+    return out + b"0\r\n" + (trailer + b"\r\n" if trailer else b"") + b"\r\n"
 
 
 def serialize(spec: Spec, marker: str) -> tuple[bytes, bytes, str, str]:
@@ -223,8 +242,7 @@ def serialize(spec: Spec, marker: str) -> tuple[bytes, bytes, str, str]:
         payload = body
     elif spec.framing == "chunked":
         headers.append(("Transfer-Encoding", "chunked"))
-        payload = chunked(body, spec.chunk_cuts, spec.chunk_ext,
-                          marker.encode() if spec.trailers else None)
+        payload = chunked(body, spec.chunk_cuts, spec.chunk_ext, trailer_line(spec, marker))
     else:
         payload = body = b""
     first, rest = headers[0], headers[1:]
@@ -267,7 +285,7 @@ def expected_outcomes(spec: Spec) -> set:
 class ConnResult:
     sent: list[Sent]
     responses: list = field(default_factory=list)  # RawResponse | IncompleteResponse
-    ended: str = "all"  # all | eof | timeout | close | tunnel | unframed
+    ended: str = "all"  # all | eof | timeout | close | tunnel | unframed | garbage
     echo: bytes = b""
     tunnel_from: int | None = None  # index of the request whose 101 started a tunnel
     extra: bytes = b""
@@ -322,6 +340,10 @@ async def run_connection(port: int, sent: list[Sent], split: float | None) -> Co
                 return result
             except (asyncio.TimeoutError, ConnectionError):
                 result.ended = "timeout"
+                return result
+            except (AssertionError, ValueError) as exc:  # RawConn's parser: not HTTP
+                result.ended = "garbage"
+                result.problem = str(exc)[:300]
                 return result
             result.responses.append(r)
             if r.status == 101:
@@ -433,8 +455,21 @@ def check_example(results: list[ConnResult], fleet: RecordingFleet, findings: Fi
         for i, r in enumerate(res.responses):
             s = res.sent[i]
             head = head_of(r)
-            test_id = head.header("X-Test-Id")
-            if head.header("X-Backend") is not None and test_id != s.marker:
+            test_id = head.header("X-Test-Id") or "no marker"
+            if head.header("X-Backend") is None:
+                test_id = None  # the proxy's own answer names the sandbox in its JSON body
+                with contextlib.suppress(ValueError, AttributeError):
+                    answered_for = json.loads(head.body).get("sandboxId")
+                    if answered_for != s.spec.sandbox:
+                        test_id = f"a request to {answered_for}"
+            elif head.header("X-Backend").startswith("inv-") \
+                    and head.header("X-Backend") != f"inv-{s.spec.sandbox}":
+                add("answered by another sandbox's backend",
+                    f"{s.marker} to {s.spec.sandbox} answered by {head.header('X-Backend')} "
+                    f"(X-Test-Id {test_id})")
+                desync = True
+                break
+            if test_id is not None and test_id != s.marker:
                 # what follows on this connection is shifted: one report, not one per response
                 add("a response reached the wrong request",
                     f"request {s.marker} got the answer to {test_id!r}")
@@ -451,10 +486,8 @@ def check_example(results: list[ConnResult], fleet: RecordingFleet, findings: Fi
             if origin != "backend":
                 continue
             backend = f"inv-{s.spec.sandbox}"
-            if head.header("X-Backend") != backend:
-                add("answered by another sandbox's backend",
-                    f"{s.marker} to {s.spec.sandbox} answered by {head.header('X-Backend')}")
-            want = expected_body(backend, s.marker, s.spec.script)
+            want = (b"" if s.spec.method == "HEAD"
+                    else expected_body(backend, s.marker, s.spec.script))
             if isinstance(r, IncompleteResponse):
                 if s.spec.script != "closemid":
                     add("a response was cut short", f"{s.marker} ({s.spec.script}): {r}")
@@ -470,6 +503,8 @@ def check_example(results: list[ConnResult], fleet: RecordingFleet, findings: Fi
                 f"{n} of {len(res.sent)} requests answered")
         elif res.ended == "unframed":
             add("a response without framing reached the client", res.problem)
+        elif res.ended == "garbage":
+            add("the client received bytes that are not an HTTP response", res.problem)
         elif res.ended == "eof":
             last = res.responses[-1] if res.responses else None
             if not (isinstance(last, IncompleteResponse) and last.head.header("X-Backend")
@@ -554,8 +589,9 @@ def check_example(results: list[ConnResult], fleet: RecordingFleet, findings: Fi
                 add("a request the client never sent reached a backend (a body was parsed as a "
                     "request)", f"{mk} at {[sb for sb, _ in got]}")
             continue
-        if len(got) > 1:
-            add("a request reached a backend more than once", f"{mk} {len(got)} times")
+        if len(got) > 1 and owner.spec.method not in IDEMPOTENT:
+            add("a non-idempotent request reached a backend more than once",
+                f"{mk} ({owner.spec.method}) {len(got)} times")
         for sandbox, req in got:
             if sandbox != owner.spec.sandbox:
                 continue  # reported above from the raw bytes
@@ -582,10 +618,11 @@ def check_forwarded(s: Sent, req, add) -> None:
                                     f"{s.body[:100]!r}")
     if req.header_all("host") != [s.host.encode()]:
         add("the Host was altered", f"{s.marker}: {req.header_all('host')}")
-    if req.header_all("x-forwarded-for") != [b"127.0.0.1"]:
+    if req.header_all("x-forwarded-for") != [b"127.0.0.1"] or any(
+            k.lower() == b"x-forwarded-for" for k, _ in req.trailers):
         add("X-Forwarded-For is not the client's address alone",
-            f"{s.marker}: {req.header_all('x-forwarded-for')} (forged: {spec.forged_xff}, "
-            f"Connection: {spec.options})")
+            f"{s.marker}: {req.header_all('x-forwarded-for')}, trailers {req.trailers} "
+            f"(forged: {spec.forged_xff}, Connection: {spec.options})")
     named = {o.lower() for o in spec.options}
     if spec.hop:
         if "x-hop" in named and req.header("x-hop") is not None:

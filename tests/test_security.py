@@ -382,7 +382,7 @@ def edge_plain(tmp_path_factory, fleet):
 
 async def settle() -> None:
     """Let the proxy deliver what it is going to deliver before the backends are inspected."""
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.05)
 
 
 async def responses_on(conn: RawConn, count: int, timeout: float = 3.0) -> list:
@@ -697,7 +697,7 @@ async def test_pipelining_around_an_upgrade(edge_plain, raw_conns, lead, outcome
             assert sbx.received(mk_next) == [], "bytes after an accepted upgrade were parsed"
         return
     assert up.status == {"refuse": 426, "unknown": 502, "denied": 403}[outcome], describe(got)
-    nxt = await responses_on(conn, 1)
+    nxt = await responses_on(conn, 1, timeout=1.5)
     assert [r.header("X-Test-Id") for r in nxt] == [mk_next], (
         f"the request after the upgrade was not answered: {describe(got)} then {describe(nxt)}")
     await settle()
@@ -948,3 +948,54 @@ async def test_set_cookie_passes_unchanged_without_isolation(proxy, raw_conns):
         assert r.header_all("Set-Cookie") == [sent]
     finally:
         fleet.stop()
+
+
+# -- 9. found while writing these tests ---------------------------------------------------------
+
+TRAILER_FIELDS = [("X-Forwarded-For", "6.6.6.6"), ("X-Real-IP", "6.6.6.6"),
+                  ("Forwarded", "for=6.6.6.6"), (TOKEN_HEADER, TOKEN),
+                  ("Cookie", f"{COOKIE}={TOKEN}"), ("Host", "3000-other.localhost")]
+
+
+@pytest.mark.parametrize("name, value", TRAILER_FIELDS, ids=[t[0] for t in TRAILER_FIELDS])
+async def test_request_trailers_cannot_carry_what_headers_may_not(edge, raw_conns, name, value):
+    """A field the proxy removes or rewrites in the head (forwarding headers, credentials, Host)
+    must not reach the backend through the trailer section instead (RFC 9110 6.5.1: routing and
+    authentication fields are not trailers)."""
+    sbx = edge.take(locked=True)
+    mk = new_marker()
+    conn = await raw_conns(edge.port)
+    await conn.send(request_bytes(sbx.host(), mk, "POST", [
+        (TOKEN_HEADER, TOKEN), ("Transfer-Encoding", "chunked")])
+        + f"3\r\nabc\r\n0\r\n{name}: {value}\r\nX-Fine: 1\r\n\r\n".encode())
+    [r] = await responses_on(conn, 1)
+    assert r.status == 200, describe([r])
+    await settle()
+    [fwd] = sbx.received(mk)
+    assert fwd.body == b"abc"
+    sent_again = [(k, v) for k, v in fwd.headers + fwd.trailers
+                  if k.lower() == name.lower().encode() and v == value.encode()]
+    assert not sent_again, f"the trailer {name}: {value} reached the backend: {fwd.trailers}"
+    assert TOKEN.encode() not in sbx.backend.raw()
+
+
+@pytest.mark.parametrize("how", ["pipelined", "keep-alive"])
+async def test_body_after_a_head_response_never_reaches_the_next_request(edge, raw_conns, how):
+    """A HEAD response has no body whatever its Content-Length says (RFC 9110 9.3.2): bytes a
+    backend sends after its head are not the next request's answer."""
+    sbx = edge.take()
+    mk, mk2 = new_marker(), new_marker()
+    conn = await raw_conns(edge.port)
+    first = request_bytes(sbx.host(), mk, "HEAD", query="?script=headbody")
+    second = request_bytes(sbx.host(), mk2)
+    if how == "pipelined":
+        await conn.send(first + second)
+        r1 = await conn.response(method="HEAD", timeout=3)
+    else:
+        await conn.send(first)
+        r1 = await conn.response(method="HEAD", timeout=3)
+        await asyncio.sleep(0.05)
+        await conn.send(second)
+    got = [r1] + await responses_on(conn, 1)
+    assert [r.header("X-Test-Id") for r in got] == [mk, mk2], describe(got)
+    assert got[1].body == f"{sbx.backend.name}:{mk2}".encode()
