@@ -19,7 +19,8 @@ behaviour is the `script=` query parameter, some of it hostile on purpose:
 ``refuse``             426 Upgrade Required (any request)
 ``accept``             for an upgrade request, 101 and then echo every byte (a tunnel); else ``ok``
 ``extra1``             ``ok`` followed by a complete response nobody asked for, in the same write
-``extra2``             the same in two writes (two send calls, back to back)
+``extra2``             the same in two writes (two send calls back to back, so a proxy that looks
+                       for bytes after a response before reusing the connection sees them)
 ``extrachunked``       ``chunked`` followed by the unsolicited response
 ``extrabig``           a 64 KiB Content-Length body followed by the unsolicited response
 ``connopt``            ``Connection: Content-Length`` with ``Content-Length: 5`` and ``hello``
@@ -281,7 +282,7 @@ def scripted_reply(name: str, req: ReceivedRequest) -> list:
     if script == "extra1":
         return [ok_response(name, marker) + SMUGGLED]
     if script == "extra2":
-        return [ok_response(name, marker), 0.0, SMUGGLED]
+        return [ok_response(name, marker), SMUGGLED]
     if script == "extrachunked":
         return [chunked_response(name, marker) + SMUGGLED]
     if script == "extrabig":

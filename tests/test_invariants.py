@@ -54,7 +54,7 @@ from recording_backend import RecordingFleet, StrictParseError, expected_body, p
 pytestmark = pytest.mark.timeout(1800)
 
 EXAMPLES = int(os.environ.get("SANDBOX_PROXY_FUZZ_EXAMPLES", "120"))
-READ_TIMEOUT = 1.5  # a local backend answers in milliseconds: longer is a hang
+READ_TIMEOUT = 2.5  # a local backend answers in milliseconds: longer is a hang
 
 TOKENS = {"gamma": "tok-gamma-7Qx9", "delta": "tok-delta-k2Pz"}
 WRONG = "nope-wrong-tok"
