@@ -303,9 +303,8 @@ def scripted_reply(name: str, req: ReceivedRequest) -> list:
         lines = b"".join(b"Set-Cookie: " + v + b"\r\n" for v in req.header_all("x-set-cookie"))
         return [ok_response(name, marker, extra=lines)]
     if script == "headbody":  # a body after the head of a HEAD response (a hostile backend)
-        body = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Test-Id: smuggled\r\n\r\nsmuggled"
         return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Test-Id: %s\r\nX-Backend: %s\r\n"
-                b"\r\n%s" % (len(body), mk, nm, body)]
+                b"\r\n%s" % (len(SMUGGLED), mk, nm, SMUGGLED)]
     if script == "echo":
         head = req.raw[:req.raw.find(b"\r\n\r\n") + 4]
         return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Test-Id: %s\r\nX-Backend: %s\r\n"

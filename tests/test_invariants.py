@@ -309,7 +309,7 @@ async def read_response(conn: RawConn, method: str):
     head = await conn.read_head(READ_TIMEOUT)
     while 100 <= head.status < 200 and head.status != 101:
         head = await conn.read_head(READ_TIMEOUT)
-    if head.status == 101 or head.status in (204, 304):
+    if head.status == 101 or head.status in (204, 304) or method == "HEAD":
         return head
     framed = head.header("Content-Length") is not None or head.header("Transfer-Encoding")
     if not framed and "close" not in head.connection_tokens():
@@ -360,7 +360,7 @@ async def run_connection(port: int, sent: list[Sent], split: float | None) -> Co
                     pass
                 return result
             has_framing = (r.header("Content-Length") is not None or r.header("Transfer-Encoding")
-                           or r.status in (204, 304))
+                           or r.status in (204, 304) or s.spec.method == "HEAD")
             if not has_framing and "close" not in r.connection_tokens():
                 result.ended = "unframed"
                 result.problem = r.raw_head.decode("latin-1")[:300]
