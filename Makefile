@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick soak config-schema constraints clean
+.PHONY: run test fuzz bench bench-quick soak config-schema constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ constraints:
 	    --exclude sandbox-proxy --exclude pip --exclude wheel; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf build/constraints-venv
+
+# The differential invariant suite (tests/test_invariants.py) with many more generated examples
+# than `make test` runs; FUZZ_EXAMPLES=N to change how many.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	SANDBOX_PROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_invariants.py -s $(PYTEST_ARGS)
 
 # `make bench` (~15-20 min) writes benchmarks/results/; `make bench-quick` (~1 min) is the
 # before/after check for hot-path changes. Extra flags: make bench BENCH_ARGS="--only ours,nginx"

@@ -716,10 +716,10 @@ class RawConn:
                 if not data:
                     return True
                 self.last_bytes += data
+        except asyncio.TimeoutError:  # first: since Python 3.11 it is an OSError too
+            return False
         except (ConnectionError, OSError):
             return True
-        except asyncio.TimeoutError:
-            return False
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,0 +1,64 @@
+"""The declared interfaces of the request path: what the backend side may call on a response's
+destination, and what an exchange may call on the client connection it belongs to.
+
+`UpstreamConnection` (proxy/upstream.py) parses a backend's response and hands each event to the
+`ResponseDestination` it is bound to; it knows nothing else about the client. An HTTP/1.1
+exchange (proxy/exchange.py) is one destination; an HTTP/2 stream can be another without
+upstream.py changing. `ClientSide` is the narrow view an HTTP/1.1 exchange has of its client
+connection (proxy/edge.py). A type checker holds both sides to these declarations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from proxy.context import EdgeContext
+    from proxy.flow import ReadGate
+    from proxy.upstream import UpstreamConnection
+
+
+class ResponseDestination(Protocol):
+    """Where a backend's response goes. Called by the UpstreamConnection bound to it, in order:
+    `response_head` (once per interim 1xx, then once for the final head), `response_body` for
+    each piece of body, `response_complete`; or `upstream_lost` / `upstream_timed_out` at any
+    point; or `upstream_upgraded` after a 101. `flush` ends each read from the backend (one write
+    for everything it produced); `upstream_full` / `upstream_drained` report the backend's send
+    buffer crossing its high-water marks (backpressure on the request body)."""
+
+    def response_head(self, up: UpstreamConnection, status: int) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self, up: UpstreamConnection) -> None: ...
+    def upstream_lost(self, up: UpstreamConnection) -> None: ...
+    def upstream_timed_out(self, up: UpstreamConnection) -> None: ...
+    def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> None: ...
+    def upstream_full(self) -> None: ...
+    def upstream_drained(self) -> None: ...
+    def flush(self) -> None: ...
+
+
+class ClientSide(Protocol):
+    """What an HTTP/1.1 exchange uses of its client connection."""
+
+    ctx: EdgeContext
+    loop: asyncio.AbstractEventLoop
+    gate: ReadGate
+    out: list[bytes]         # bytes for the client, written by flush_out in one writelines
+    client_ip: bytes
+    trusted: bool
+    writing_paused: bool     # the client's write buffer is full: backends must stop reading
+    closed: bool
+
+    def flush_out(self) -> None: ...
+    def exchange_done(self, ex: object) -> None:
+        """Both halves of `ex` are complete: account for it, serve the next request."""
+    def linger_close(self) -> None:
+        """Send FIN after what was written, drop further input briefly, then close."""
+    def abort_response(self, reset: bool) -> None:
+        """The response cannot be completed: make the client see it incomplete (RST for a body
+        delimited by the close, FIN for a framed one)."""
+    def upstream_full(self) -> None: ...
+    def upstream_drained(self) -> None: ...
+    def start_tunnel(self, ex: object, up: UpstreamConnection, rest: bytes) -> None:
+        """After a 101: relay raw bytes both ways from now on."""
