@@ -319,14 +319,24 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]],
                            length, connect_stream)
 
 
+# Fields that RFC 9110 6.5.1 says a trailer must not carry (framing, routing, request modifiers,
+# authentication, response control, content handling): a recipient may apply trailer fields as
+# if they were header fields, so these never pass in a trailer section either way.
+NOT_IN_TRAILERS = _SPECIAL | frozenset({
+    b"authorization", b"cookie", b"set-cookie", b"www-authenticate", b"authentication-info",
+    b"expect", b"max-forwards", b"range", b"if-match", b"if-none-match", b"if-modified-since",
+    b"if-unmodified-since", b"if-range", b"cache-control", b"age", b"expires", b"date",
+    b"location", b"retry-after", b"vary", b"content-encoding", b"content-type", b"content-range",
+})
+
+
 def trailer_lines(trailers: list[tuple[bytes, bytes]],
                   private: frozenset[bytes] = frozenset()) -> bytes:
-    """Chunked trailer section, ending the message: fields a trailer may not carry (framing,
-    routing, hop-by-hop, forwarding, RFC 9110 6.5.1) and `private` ones are dropped, under any
-    spelling."""
+    """Chunked trailer section, ending the message: fields a trailer may not carry (NOT_IN_TRAILERS)
+    and `private` ones are dropped, under any spelling."""
     kept = []
     for name, value in trailers:
         lname = name.lower().replace(b"_", b"-")
-        if lname not in _SPECIAL and lname not in private:
+        if lname not in NOT_IN_TRAILERS and lname not in private:
             kept.append(name + b": " + value + b"\r\n")
     return b"".join(kept)
