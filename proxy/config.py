@@ -126,6 +126,9 @@ class UpstreamConfig:
     connect_backoff: float = 0.1
     max_idle_per_backend: int = 64
     allowed_networks: tuple[Network, ...] = DEFAULT_ALLOWED_NETWORKS
+    # with a Host mask, a same-origin Origin/Referer follows it (proxy/origin.py); a record's
+    # mask_origin overrides this
+    mask_origin: bool = True
 
 
 @dataclass(frozen=True)
@@ -595,8 +598,10 @@ def _parse_upstream(s: _Section) -> UpstreamConfig:
         connect_backoff=s.number("connect_backoff", d.connect_backoff, allow_zero=True),
         max_idle_per_backend=s.integer("max_idle_per_backend", d.max_idle_per_backend, 0),
         allowed_networks=_networks(s, "allowed_networks", d.allowed_networks),
+        mask_origin=s.get("mask_origin", d.mask_origin, bool),
     )
-    s.finish({"connect_attempts", "connect_backoff", "max_idle_per_backend", "allowed_networks"})
+    s.finish({"connect_attempts", "connect_backoff", "max_idle_per_backend", "allowed_networks",
+              "mask_origin"})
     return config
 
 

@@ -54,6 +54,7 @@ class EdgeContext:
         self.token_header = c.access.token_header.encode()
         self.token_header_name = c.access.token_header
         self.exempt_ports = c.access.exempt_ports
+        self.mask_origin = c.upstream.mask_origin  # records without mask_origin follow this
         # request headers never forwarded: the token, unless the operator asks for it
         self.private_headers = (frozenset() if c.access.forward_token
                                 else frozenset({self.token_header}))

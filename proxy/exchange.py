@@ -24,6 +24,7 @@ from proxy.headers import (MalformedHeaders, RequestHeaders, UnsupportedTransfer
                            scan_request_headers, without_cookie)
 from proxy.host import (BadHost, SandboxAddress, host_chars_valid, parse_sandbox_host,
                         strip_host_port)
+from proxy.origin import origin_follows_mask
 from proxy.registry import SandboxRecord
 from proxy.registry.record import TRANSITIONS
 
@@ -234,6 +235,13 @@ def admit(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, client_ip: by
     ex.backend_port = record.backend_port(ex.port)
     masked = record.masked_host(ex.port)
     host = ex.host
+    if masked is not None and (ctx.mask_origin if record.mask_origin is None
+                               else record.mask_origin):
+        # the scheme the client used, decided as forwarding_lines decides X-Forwarded-Proto
+        scheme = scanned.forwarded_proto if trusted and scanned.forwarded_proto else ctx.scheme
+        lines = origin_follows_mask(scanned.lines, scanned.names, scheme, host, masked)
+        if lines is not None:
+            scanned = scanned._replace(lines=lines)
     ex.upstream_head = build_request_head(
         ex.method, ex.target, masked if masked is not None else host, scanned,
         forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted), upgrade=ex.upgrade)

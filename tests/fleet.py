@@ -362,6 +362,8 @@ def core_records(backend_port: int, refused_port: int) -> dict[str, dict]:
     return {
         "demo": {"host": "127.0.0.1", "ports": ports},
         "masked": {"host": "127.0.0.1", "ports": ports, "mask_request_host": "localhost:${PORT}"},
+        "originkept": {"host": "127.0.0.1", "ports": ports,
+                       "mask_request_host": "localhost:${PORT}", "mask_origin": False},
         "refused": {"host": "127.0.0.1", "ports": {"3000": refused_port}},
         "secured": {"host": "127.0.0.1", "ports": ports,
                     "traffic_access_token_sha256": hashlib.sha256(CORE_TOKEN.encode()).hexdigest()},
@@ -388,6 +390,16 @@ async def check_core_scenarios(p) -> None:
 
     r = await fetch(p, "/echo", host="3000-masked.localhost")
     assert header_value(r.json(), "Host") == "localhost:3000"
+    # Origin follows the mask (proxy/origin.py), unless the record says mask_origin = false
+    same_origin = {"Origin": "http://3000-masked.localhost",
+                   "Referer": "http://3000-masked.localhost/p?q"}
+    r = await fetch(p, "/echo", host="3000-masked.localhost", headers=same_origin)
+    assert header_value(r.json(), "Origin") == "http://localhost:3000"
+    assert header_value(r.json(), "Referer") == "http://localhost:3000/p?q"
+    kept = {"Origin": "http://3000-originkept.localhost"}
+    r = await fetch(p, "/echo", host="3000-originkept.localhost", headers=kept)
+    assert header_value(r.json(), "Host") == "localhost:3000"
+    assert header_value(r.json(), "Origin") == "http://3000-originkept.localhost"
 
     r = await fetch(p, "/echo", host="3000-nosuchbox.localhost")
     assert r.status == 502 and r.json() == not_found_body("nosuchbox")

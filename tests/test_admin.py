@@ -85,12 +85,13 @@ def test_openapi_document_is_valid_openapi():
 
 async def test_put_get_list_delete(static_client):
     body = {"host": "10.0.0.2", "ports": {"3000": 32768}, "mask_request_host": "localhost:${PORT}",
-            "traffic_access_token": "tok-en", "state": "paused", "auto_resume": True}
+            "mask_origin": False, "traffic_access_token": "tok-en", "state": "paused",
+            "auto_resume": True}
     r = await static_client.put("/sandboxes/abc", json=body, headers=AUTH)
     assert r.status == 200
     stored = await r.json()
     assert stored == {"id": "abc", "host": "10.0.0.2", "ports": {"3000": 32768},
-                      "mask_request_host": "localhost:${PORT}",
+                      "mask_request_host": "localhost:${PORT}", "mask_origin": False,
                       "traffic_access_token_sha256": hashlib.sha256(b"tok-en").hexdigest(),
                       "state": "paused", "auto_resume": True}
     assert "tok-en" not in json.dumps(stored)  # a token is never echoed
@@ -137,6 +138,7 @@ async def test_list_is_paginated_in_id_order(static_client):
     ("/sandboxes/abc", {"host": "10.0.0.1", "colour": "red"}, "colour"),
     ("/sandboxes/abc", {"host": "10.0.0.1", "state": "sleeping"}, "state"),
     ("/sandboxes/abc", {"host": "10.0.0.1", "auto_resume": "yes"}, "auto_resume"),
+    ("/sandboxes/abc", {"host": "10.0.0.1", "mask_origin": "false"}, "mask_origin"),
     ("/sandboxes/abc", {"host": "10.0.0.1", "mask_request_host": "a b"}, "mask_request_host"),
     ("/sandboxes/abc", {"host": "10.0.0.1", "traffic_access_token_sha256": "00"},
      "traffic_access_token_sha256"),

@@ -46,6 +46,7 @@ def test_shipped_config_loads_and_documents_every_key():
     ('[timeouts]\nconnect = 0', "[timeouts] connect"),
     ('[timeouts]\nclient_idle = "x"', "[timeouts] client_idle"),
     ('[upstream]\nconnect_attempts = 0', "[upstream] connect_attempts"),
+    ('[upstream]\nmask_origin = 1', "[upstream] mask_origin"),
     ('[limits]\nmax_header_bytes = 10', "[limits] max_header_bytes"),
     ('[metrics]\nlisten = "x"', "[metrics] listen"),
     ('[bogus]\nx = 1', "[bogus]"),

@@ -87,6 +87,7 @@ BAD_CONFIGS = [
     pytest.param("timeouts", 'connect = "soon"', "connect", id="timeout-not-number"),
     pytest.param("timeouts", "upstream_header = -1.0", "upstream_header", id="negative-timeout"),
     pytest.param("upstream", "connect_attempts = -1", "connect_attempts", id="negative-attempts"),
+    pytest.param("upstream", 'mask_origin = "yes"', "mask_origin", id="mask-origin-not-bool"),
     pytest.param("limits", 'max_header_bytes = "big"', "max_header_bytes", id="limit-not-int"),
     pytest.param("registry", "reload_interval = \"often\"", "reload_interval", id="reload-not-number"),
 ]
@@ -127,6 +128,8 @@ BAD_REGISTRIES = [
                  id="port-out-of-range"),
     pytest.param('[sandboxes.demo]\nhost = "127.0.0.1"\nmask_request_host = 5\n',
                  "mask_request_host", id="mask-not-string"),
+    pytest.param('[sandboxes.demo]\nhost = "127.0.0.1"\nmask_origin = "no"\n',
+                 "mask_origin", id="mask-origin-not-bool"),
     pytest.param('[sandboxes.demo\nhost = "127.0.0.1"\n', None, id="syntax-error"),
 ]
 

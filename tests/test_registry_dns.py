@@ -43,6 +43,8 @@ def txt_for(record: dict) -> list[str]:
         strings.append("ports=" + " ".join(f"{k}:{v}" for k, v in record["ports"].items()))
     if "mask_request_host" in record:
         strings.append("mask=" + record["mask_request_host"])
+    if "mask_origin" in record:
+        strings.append(f"mask-origin={str(record['mask_origin']).lower()}")
     if "traffic_access_token_sha256" in record:
         strings.append("token-sha256=" + record["traffic_access_token_sha256"])
     return strings
@@ -86,7 +88,7 @@ async def test_answer_is_cached_for_its_ttl_with_txt_settings(dns_server):
     token_hash = "ab" * 32
     dns_server.start(hosts={"abc": "127.0.0.5"},
                      txt={"abc": ["mask=localhost:${PORT}", "ports=3000:4000 8080:9000",
-                                  f"token-sha256={token_hash}"]})
+                                  f"token-sha256={token_hash}", "mask-origin=false"]})
     registry = await started(dns_server)
     try:
         pending = registry.lookup("abc")
@@ -96,6 +98,7 @@ async def test_answer_is_cached_for_its_ttl_with_txt_settings(dns_server):
         assert record.backend_port(3000) == 4000 and record.backend_port(8080) == 9000
         assert record.masked_host(3000) == b"localhost:3000"
         assert record.token_sha256 == bytes.fromhex(token_hash)
+        assert record.mask_origin is False
         assert registry.lookup("abc") is record  # warm: the record itself
     finally:
         await registry.close()

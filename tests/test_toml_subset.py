@@ -11,6 +11,7 @@ USUAL = '''# comment
 [sandboxes.demo]
 host = "127.0.0.1"                       # trailing comment
 mask_request_host = "localhost:${PORT}"
+mask_origin = false
 ports = { 3000 = 32768, 80 = 8080 }
 
 [sandboxes.b2]

@@ -14,6 +14,7 @@ the TXT (or AAAA) query beside an A answer, as dnsmasq's `--address` gives, mean
     auto-resume=true            -> auto_resume
     allowed-clients=10.0.0.0/8,192.0.2.7   -> allowed_clients (every port)
     allowed-clients:3000=203.0.113.0/24    -> allowed_clients for port 3000
+    mask-origin=false           -> mask_origin (default: [upstream] mask_origin)
 
 An unknown key makes the record invalid and the sandbox is answered as not found (fail closed:
 a misspelt `token-sha256` must not publish a sandbox without its token).
@@ -47,7 +48,8 @@ log = logging.getLogger("sandbox_proxy.registry")
 SWEEP_EVERY = 0.5        # seconds between checks for expired entries
 REFRESHES_PER_SWEEP = 256
 TXT_KEYS = {"mask": "mask_request_host", "token-sha256": "traffic_access_token_sha256",
-            "ports": "ports", "state": "state", "auto-resume": "auto_resume"}
+            "ports": "ports", "state": "state", "auto-resume": "auto_resume",
+            "mask-origin": "mask_origin"}
 
 
 class DnsRegistry(RemoteRegistry):
@@ -204,7 +206,7 @@ def txt_settings(rrset) -> dict:
             value = value.strip()
             if name == "ports":
                 settings[name] = _port_map(value)
-            elif name == "auto_resume":
+            elif name in ("auto_resume", "mask_origin"):
                 settings[name] = {"true": True, "false": False}.get(value.lower(), value)
             else:
                 settings[name] = value

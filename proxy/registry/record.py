@@ -1,5 +1,5 @@
-"""SandboxRecord: one sandbox's routing facts (backend host, port map, Host mask, access token,
-lifecycle state, ingress rules) and the validation every registry kind applies to them."""
+"""SandboxRecord: one sandbox's routing facts (backend host, port map, Host mask and whether Origin
+follows it, access token, lifecycle state, ingress rules) and the validation every registry kind applies to them."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class SandboxRecord:
 
     __slots__ = ("sandbox_id", "host", "ports", "mask_request_host", "token_sha256", "paused",
                  "state", "auto_resume", "allowed_clients", "public_ports", "blocked_paths",
-                 "share_epoch", "_masks")
+                 "share_epoch", "mask_origin", "_masks")
 
     def __init__(self, sandbox_id: str, host: str, ports: Mapping[int, int] | None = None,
                  mask_request_host: str | None = None, token_sha256: bytes | None = None,
@@ -32,7 +32,7 @@ class SandboxRecord:
                  allowed_clients: Mapping[int, tuple[Network, ...]] | None = None,
                  public_ports: frozenset[int] | None = None,
                  blocked_paths: Mapping[int, tuple[str, ...]] | None = None,
-                 share_epoch: int = 0):
+                 share_epoch: int = 0, mask_origin: bool | None = None):
         self.sandbox_id = sandbox_id
         self.host = host
         self.ports = dict(ports) if ports else _NO_PORTS
@@ -50,6 +50,9 @@ class SandboxRecord:
         # port -> path prefixes answered 404 without reaching the sandbox (control plane only)
         self.blocked_paths = blocked_paths
         self.share_epoch = share_epoch  # share links minted under an older epoch are revoked
+        # a same-origin Origin/Referer follows the Host mask (proxy/origin.py); None: as
+        # [upstream] mask_origin says
+        self.mask_origin = mask_origin
         self._masks: dict[int, bytes] | None = None  # made on first use
 
     def client_allowed(self, port: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -99,7 +102,8 @@ class SandboxRecord:
                 and self.allowed_clients == other.allowed_clients
                 and self.public_ports == other.public_ports
                 and self.blocked_paths == other.blocked_paths
-                and self.share_epoch == other.share_epoch)
+                and self.share_epoch == other.share_epoch
+                and self.mask_origin == other.mask_origin)
 
     def to_mapping(self) -> dict[str, Any]:
         """The JSON/TOML shape record_from_mapping accepts (the token only as its hash)."""
@@ -108,6 +112,8 @@ class SandboxRecord:
             data["ports"] = {str(k): v for k, v in self.ports.items()}
         if self.mask_request_host is not None:
             data["mask_request_host"] = self.mask_request_host
+        if self.mask_origin is not None:
+            data["mask_origin"] = self.mask_origin
         if self.token_sha256 is not None:
             data["traffic_access_token_sha256"] = self.token_sha256.hex()
         if self.state != "running":
@@ -200,10 +206,14 @@ def record_from_mapping(sandbox_id: str, data: Any) -> SandboxRecord:
     epoch = data.get("share_epoch", 0)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError("share_epoch: must be an integer >= 0")
+    mask_origin = data.get("mask_origin")
+    if mask_origin is not None and not isinstance(mask_origin, bool):
+        raise ValueError("mask_origin: must be true or false")
     return SandboxRecord(sandbox_id, host.strip(), ports, mask, digest, auto_resume=auto_resume,
                          state=state,
                          allowed_clients=None if allowed is None else _ingress_rules(allowed),
-                         public_ports=public, blocked_paths=blocked, share_epoch=epoch)
+                         public_ports=public, blocked_paths=blocked, share_epoch=epoch,
+                         mask_origin=mask_origin)
 
 
 def _is_port(value: Any) -> bool:
@@ -261,4 +271,5 @@ def _ingress_rules(value: Any) -> dict[int, tuple[Network, ...]]:
 
 RECORD_KEYS = frozenset({"host", "ports", "mask_request_host", "traffic_access_token",
                          "traffic_access_token_sha256", "state", "auto_resume",
-                         "allowed_clients", "public_ports", "blocked_paths", "share_epoch"})
+                         "allowed_clients", "public_ports", "blocked_paths", "share_epoch",
+                         "mask_origin"})
