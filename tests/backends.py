@@ -238,7 +238,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 
     Text and binary messages are echoed.  Text commands:
       ``cmd:info``                  -> JSON: negotiated subprotocol, the request's
-                                       Sec-WebSocket-* headers, compression
+                                       Sec-WebSocket-* headers, Host and Origin,
+                                       compression
       ``cmd:close:<code>:<reason>`` -> the server closes with that code and reason
       ``cmd:abort``                 -> the server drops the TCP connection, no close frame
       ``cmd:ping:<payload>``        -> the server pings; when the pong comes back
@@ -267,6 +268,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                         "request_protocols": request.headers.get("Sec-WebSocket-Protocol"),
                         "request_extensions": request.headers.get("Sec-WebSocket-Extensions"),
                         "host": request.headers.get("Host"),
+                        "origin": request.headers.get("Origin"),
                     }))
                 elif text.startswith("cmd:close:"):
                     _, _, code, reason = text.split(":", 3)
