@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The browser tests (tests/test_browser_apps.py) need the real apps (pip's `apps` group),
+# playwright-core (npm ci leaves the second file behind) and Debian's chromium (.ci/run).
+APPS_STAMP    := $(VENV)/.apps-installed
+BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 
 .PHONY: run test fuzz bench bench-quick soak config-schema constraints clean
 
@@ -12,10 +16,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+$(APPS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[apps]'
+	touch $(APPS_STAMP)
+
+$(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd tests/browser && npm ci --no-audit --no-fund --loglevel=error; \
+	else \
+	  echo "npm not found: the browser tests will be skipped (.ci/run installs npm)"; \
+	fi
+
 run: $(STAMP)
 	$(BIN)/sandbox-proxy --config config/proxy.toml
 
-test: $(STAMP)
+test: $(STAMP) $(APPS_STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # config/proxy.schema.json from the typed config (proxy/config_schema.py); a test checks it is current
@@ -53,4 +68,4 @@ soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tests/browser/node_modules
