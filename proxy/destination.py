@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from proxy.context import EdgeContext
+    from proxy.exchange import Exchange
     from proxy.flow import ReadGate
     from proxy.upstream import UpstreamConnection
 
@@ -51,14 +52,14 @@ class ClientSide(Protocol):
     closed: bool
 
     def flush_out(self) -> None: ...
-    def exchange_done(self, ex: object) -> None:
+    def exchange_done(self, ex: Exchange) -> None:
         """Both halves of `ex` are complete: account for it, serve the next request."""
     def linger_close(self) -> None:
         """Send FIN after what was written, drop further input briefly, then close."""
-    def abort_response(self, reset: bool) -> None:
-        """The response cannot be completed: make the client see it incomplete (RST for a body
-        delimited by the close, FIN for a framed one)."""
+    def abort_response(self, hard: bool) -> None:
+        """The response cannot be completed: make the client see it incomplete (`hard`: RST, for
+        a body delimited by the close; else FIN, for a framed one)."""
     def upstream_full(self) -> None: ...
     def upstream_drained(self) -> None: ...
-    def start_tunnel(self, ex: object, up: UpstreamConnection, rest: bytes) -> None:
+    def start_tunnel(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None:
         """After a 101: relay raw bytes both ways from now on."""

@@ -1,69 +1,64 @@
-"""Edge: the client-facing HTTP/1.1 connection, from request bytes to the exchange's end.
+"""Edge: the client-facing HTTP/1.1 connection, one per socket.
 
-`ClientConnection` is an asyncio Protocol. llhttp (via httptools) parses requests and calls back;
-each request becomes an `Exchange` that is routed (proxy/exchange.py), bound to a pooled backend
-connection (proxy/upstream.py) and answered by the response relay (proxy/relay.py). No task or
-future is created per request unless a backend connection must be opened or the registry asked
-remotely. Pipelined requests are served in order. How exchanges and the connection end (the
-proxy's own answers, the next pipelined request, lingering close, timeouts, drain, accounting) is
-proxy/lifecycle.py; every error answer's content comes from proxy/errors.py.
+`ClientConnection` is an asyncio Protocol. What it owns lives as long as the socket: the llhttp
+parser (via httptools), the read gate (proxy/flow.py), the queue of pipelined exchanges, the
+deadline and its kind, lingering close and drain. Each request becomes an `Exchange`
+(proxy/exchange.py), which owns everything about that request and reaches back only through the
+ClientSide interface (proxy/destination.py).
+
+The connection's mode is one field, `feed`, the method incoming bytes go to:
+- `feed_parser`: HTTP parsed by llhttp (heads, chunked bodies, the first read of a body);
+- `feed_body`: the rest of a Content-Length body, relayed without parsing or copying;
+- `feed_held`: bytes after an upgrade request, kept unparsed until its answer is known;
+- `feed_tunnel`: after a 101, raw bytes to the backend;
+- `feed_nothing`: lingering after a final answer, or past a malformed request: dropped.
+
+Order is guaranteed by construction: only the front exchange (`active`) is ever started, the
+next one when it is done (RFC 9112 9.3.2); an exchange is started only after llhttp has returned
+from the read that completed its head (llhttp validates framing after on_headers_complete, and
+nothing it refuses may reach a backend); nothing after an upgrade request is parsed until its
+answer is known. No task or future is created per request unless a backend connection must be
+opened, the registry asked remotely, or a sandbox resumed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import enum
 from collections import deque
 from time import monotonic
+from typing import Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy import errors
+from proxy.admission import route_request
 from proxy.context import EdgeContext
-from proxy.exchange import Exchange, admit, route_request
-from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, reset
-from proxy.headers import trailer_lines
-from proxy.registry.resume import ResumeFailed, ResumeRefused
-from proxy.lifecycle import PROBE_SECONDS, ExchangeLifecycle
-from proxy.relay import ResponseRelay
+from proxy.exchange import Exchange, ResponseState
+from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, peer_closed, reset
 from proxy.tunnel import Tunnel
-from proxy.upstream import BackendRefused, ConnectFailed, UpstreamConnection
+from proxy.upstream import UpstreamConnection
 
-log = logging.getLogger("sandbox_proxy.edge")
-
-class RateLimitedWarning:
-    """At most one log line per `interval` for a repeated failure (a registry outage would
-    otherwise log once per request); the lines in between are counted, not lost."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def warn(self, message: str, *args: object) -> None:
-        now = monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            message += f" ({self.suppressed} more since the last report)"
-        self.suppressed = 0
-        self.next_at = now + self.interval
-        log.warning(message, *args)
+LINGER_SECONDS = 2.0        # reading (and discarding) after our answer before a hard close
+PROBE_SECONDS = 1.0         # how often a client paused by a full backend is checked for life
 
 
-registry_warnings = RateLimitedWarning(5.0)
-PENDING_LIMIT = 256 * 1024  # request bytes buffered while the backend connection opens
+class Deadline(enum.Enum):
+    """What the connection's one deadline means when it passes."""
+    NONE = 0
+    HEADER = 1  # a request head must be complete by then (408)
+    IDLE = 2    # a kept-alive connection may stay idle until then
+    LINGER = 3  # the lingering close is over
+    PROBE = 4   # reading is paused by a full backend: check the client is still there
 
 
-class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
+class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "ctx", "proxied_ip", "loop", "transport", "gate", "parser", "client_ip", "trusted",
-        "host_cache", "parsing", "active", "queued", "upstream", "connecting", "slot",
-        "tunnel", "tunnel_peer", "tunnel_in", "out", "held", "upgrading", "feeding", "ready",
-        "in_head",
-        "head_bytes", "head_error", "writing_paused", "closing", "lingering", "closed",
-        "deadline", "probing", "routing", "quiet_bytes", "pending_error", "body_left",
+        "host_cache", "feed", "parsing", "active", "queued", "ready", "feeding", "upgrading",
+        "held", "pending_error", "body_left", "in_head", "head_bytes", "quiet_bytes",
+        "head_error", "out", "writing_paused", "closing", "closed", "deadline", "deadline_kind",
+        "tunnel", "tunnel_peer", "tunnel_in",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
@@ -71,50 +66,39 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         self.ctx = ctx
         self.proxied_ip = client_ip
         self.loop = ctx.loop
-        self.transport: asyncio.Transport | None = None
-        self.gate: ReadGate | None = None
-        self.parser = HttpRequestParser(self)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        self.gate: ReadGate = None  # type: ignore[assignment]
+        self.parser: HttpRequestParser | None = HttpRequestParser(self)
         self.client_ip = b"-"
         self.trusted = False
         self.host_cache: dict = {}
+        self.feed: Callable[[bytes], None] = self.feed_parser
         self.parsing: Exchange | None = None   # the request llhttp is reading
-        self.active: Exchange | None = None    # the request being served
+        self.active: Exchange | None = None    # the request being served (the front)
         self.queued: deque[Exchange] | None = None  # pipelined requests behind it
-        self.upstream: UpstreamConnection | None = None
-        self.connecting: asyncio.Task | None = None  # opening a backend connection
-        self.routing: asyncio.Task | None = None     # awaiting a remote registry
-        self.slot: str | None = None  # sandbox whose connection slot the active exchange holds
-        self.tunnel: Tunnel | None = None
-        self.tunnel_peer: asyncio.Transport | None = None
-        self.tunnel_in = 0  # bytes relayed to the backend after a 101
-        self.out: list[bytes] = []  # response bytes waiting for flush_out (see relay.py)
-        # Nothing after an upgrade request is parsed until its answer is known: a 101 makes those
-        # bytes the tunnel's, anything else makes them HTTP again (RFC 9110 7.8).
+        self.ready: Exchange | None = None     # head complete in the current read: start after
+        self.feeding = False                   # inside llhttp's feed_data
         self.upgrading: Exchange | None = None  # the upgrade request whose answer is awaited
         self.held: list[bytes] | None = None    # bytes received after its head, unparsed
-        # An exchange is dispatched (and so its head sent upstream) only once llhttp has returned
-        # from the read that completed the head: llhttp validates the framing after our
-        # on_headers_complete (`Transfer-Encoding: chunked\t` is refused there), and nothing it
-        # refuses may have reached a backend.
-        self.feeding = False
-        self.ready: Exchange | None = None
+        # A malformed request that follows complete ones: answered once those are served.
+        self.pending_error: errors.ProxyError | None = None
+        # Content-Length body bytes still to come once the body has started (feed_body).
+        self.body_left = 0
         self.in_head = True
         self.head_bytes = 0
-        self.head_error: errors.ProxyError | None = None
-        self.writing_paused = False
-        self.closing = False
-        self.lingering = False
-        self.closed = False
-        self.deadline = 0.0
-        self.probing = False  # the deadline is a liveness probe while reading is paused
         # Bytes received since the request last made progress (head complete, body bytes,
         # message complete): bounds heads and trailer sections, however they are split.
         self.quiet_bytes = 0
-        # A malformed request that follows complete ones: answered once those are served.
-        self.pending_error: errors.ProxyError | None = None
-        # Content-Length body bytes still to come once the body has started: relayed as they
-        # arrive, without parsing or copying them (see relay_request_body).
-        self.body_left = 0
+        self.head_error: errors.ProxyError | None = None
+        self.out: list[bytes] = []  # response bytes waiting for flush_out
+        self.writing_paused = False
+        self.closing = False
+        self.closed = False
+        self.deadline = 0.0
+        self.deadline_kind = Deadline.NONE
+        self.tunnel: Tunnel | None = None
+        self.tunnel_peer: asyncio.Transport | None = None
+        self.tunnel_in = 0  # bytes relayed to the backend after a 101
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,42 +111,76 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             ip = peer[0] if isinstance(peer, tuple) else "-"
         self.client_ip = ip.encode()
         self.trusted = ctx.is_trusted(ip)
-        self.deadline = self.loop.time() + ctx.client_header_timeout
+        self.set_deadline(Deadline.HEADER, ctx.client_header_timeout)
         ctx.sweeper.watched.add(self)
         ctx.connections.add(self)
         ctx.stats.connections_opened += 1
         if ctx.max_connections and len(ctx.connections) > ctx.max_connections:
-            self.answer(Exchange(), errors.TooManyConnections("Too many connections"))
+            Exchange(self).answer(errors.TooManyConnections("Too many connections"))
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel_peer is not None:
-            self.tunnel_in += len(data)
-            self.tunnel_peer.write(data)
-            return
-        if self.closing or self.pending_error is not None:
-            return  # lingering after a final answer, or past a malformed request: discard
-        if self.held is not None:
-            self.held.append(data)
-            return
-        if self.body_left:
-            self.relay_request_body(data)
-            return
+        self.feed(data)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            return self.tunnel.client_eof()
+        ex = self.active
+        if ex is not None and ex.request_done and ex.response != ResponseState.DONE:
+            ex.close_after = True  # a half-closed client still reads the answer
+            return True
+        return False  # idle, or a request that can never be completed now: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.closing = True
+        self.feed = self.feed_nothing
+        ctx = self.ctx
+        ctx.sweeper.watched.discard(self)
+        ctx.connections.discard(self)
+        ex = self.active
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+            if ex is not None:
+                seen = ctx.activity_seen
+                if seen is not None:  # the report after a stream ends still names it
+                    seen[ex.sandbox_id] = self.loop.time()
+                ex.bytes_in, ex.bytes_out = self.tunnel_in, self.tunnel.upstream.tunnel_out
+                ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
+        if ex is not None:
+            ex.client_lost()
+        # Break the reference cycles (parser <-> protocol, tunnel, errors' tracebacks) so a
+        # closed connection is freed at once, not at the next full garbage collection.
+        self.active = self.parsing = self.queued = self.ready = self.upgrading = None
+        self.parser = self.tunnel = self.head_error = self.pending_error = None
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        up = self.active.upstream if self.active is not None else None
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        up = self.active.upstream if self.active is not None else None
+        if up is not None:
+            up.resume_reading()
+
+    # -- the modes ----------------------------------------------------------------------------
+    def feed_parser(self, data: bytes) -> None:
         if self.in_head:
             if not self.head_bytes:
-                self.deadline = self.loop.time() + self.ctx.client_header_timeout
+                self.set_deadline(Deadline.HEADER, self.ctx.client_header_timeout)
             self.head_bytes += len(data)
         self.quiet_bytes += len(data)
         self.feeding = True
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # type: ignore[union-attr]
         except HttpParserUpgrade as exc:
             self.feeding = False
             self.hold_after_upgrade(data[exc.args[0]:])
         except HttpParserError as exc:
             self.feeding = False
-            failed = self.parsing
-            if self.ready is failed:
-                self.ready = None  # refused by the parser: never dispatched
+            if self.ready is self.parsing:
+                self.ready = None  # refused by the parser: never started
             self.request_malformed(exc)
         else:
             self.feeding = False
@@ -172,99 +190,64 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         if ready is not None:
             self.ready = None
             if ready is self.active and not self.closing:
-                self.dispatch(ready)
+                ready.start()
+
+    def feed_body(self, data: bytes) -> None:
+        """Content-Length body bytes after the first read: no llhttp, no copy. The parser,
+        which still expects them, is replaced when the body ends."""
+        left = self.body_left
+        self.quiet_bytes = 0
+        ex = self.parsing
+        if len(data) < left:
+            self.body_left = left - len(data)
+            if ex is not None:
+                ex.request_body(data)
+            return
+        self.body_left = 0
+        self.feed = self.feed_parser
+        if ex is not None:
+            ex.request_body(data if len(data) == left else data[:left])
+        self.parser = HttpRequestParser(self)
+        self.on_message_complete()
+        if len(data) > left:  # the next (pipelined) request
+            self.feed(data[left:])
+
+    def feed_held(self, data: bytes) -> None:
+        self.held.append(data)  # type: ignore[union-attr]
+
+    def feed_tunnel(self, data: bytes) -> None:
+        self.tunnel_in += len(data)
+        self.tunnel_peer.write(data)  # type: ignore[union-attr]
+
+    def feed_nothing(self, data: bytes) -> None:
+        pass
 
     def hold_after_upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request: keep what follows unparsed until the request
-        is answered (see release_held and upstream_upgraded)."""
+        is answered (release_held, or start_tunnel)."""
         if self.upgrading is None:  # cannot happen: llhttp stops only after an upgrade head
             self.request_malformed(None, errors.BadRequest("Unexpected protocol upgrade"))
             return
         self.held = [rest]
+        self.feed = self.feed_held
         self.gate.pause(WAITING_UPSTREAM)
 
     def release_held(self) -> None:
         """The upgrade request was answered without a 101: what followed it is HTTP again."""
         held, self.held = self.held, None
         self.upgrading = None
+        self.feed = self.feed_parser
         self.parser = HttpRequestParser(self)
         self.gate.resume(WAITING_UPSTREAM)
-        if held:
-            data = b"".join(held)
-            if data:
-                self.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        if self.tunnel is not None:
-            return self.tunnel.client_eof()
-        ex = self.active
-        if ex is not None and ex.request_done and not ex.response_done:
-            ex.close_after = True  # a half-closed client still reads the answer
-            return True
-        return False  # idle, or a request that can never be completed now: close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = self.closing = True
-        self.ctx.sweeper.watched.discard(self)
-        self.ctx.connections.discard(self)
-        self.release_slot()
-        if self.routing is not None:
-            self.routing.cancel()
-            self.routing = None
-        # A connect under way is not cancelled: cancelling it just after the connection is made
-        # would orphan that connection; it completes and goes to the pool (see connect()).
-        self.connecting = None
-        ex = self.active
-        if self.tunnel is not None:
-            self.tunnel.client_lost()
-            if ex is not None:
-                seen = self.ctx.activity_seen
-                if seen is not None:  # the report after a stream ends still names it
-                    seen[ex.sandbox_id] = self.loop.time()
-                ex.bytes_in, ex.bytes_out = self.tunnel_in, self.tunnel.upstream.tunnel_out
-                self.ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
-                self.exchange_ended(ex)
-        elif ex is not None and not ex.ended:
-            ex.outcome = "client_closed"
-            self.exchange_ended(ex)
-        if self.tunnel is None and self.upstream is not None:
-            up, self.upstream = self.upstream, None
-            up.client = None
-            up.abort()
-        # Break the reference cycles (parser <-> protocol, tunnel, errors' tracebacks) so a
-        # closed connection is freed at once, not at the next full garbage collection.
-        self.active = self.parsing = self.queued = None
-        self.parser = self.tunnel = self.head_error = self.pending_error = None
-
-    def upstream_full(self) -> None:
-        """The backend's send buffer is full: stop reading the client, and check from time to
-        time that the client is still there (a paused socket is not watched)."""
-        self.gate.pause(PEER_FULL)
-        if not self.deadline:
-            self.probing = True
-            self.deadline = self.loop.time() + PROBE_SECONDS
-
-    def upstream_drained(self) -> None:
-        self.gate.resume(PEER_FULL)
-        if self.probing:
-            self.probing = False
-            self.deadline = 0.0
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        if self.upstream is not None:
-            self.upstream.resume_reading()
+        data = b"".join(held) if held else b""
+        if data:
+            self.feed(data)
 
     # -- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
         if self.closing:
             raise ConnectionAbortedError("no further requests on a closing connection")
-        ex = self.parsing = Exchange()
+        ex = self.parsing = Exchange(self)
         if self.active is None:
             self.active = ex
         else:
@@ -275,17 +258,18 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
-        ex.target += url
-        ex.head_size += len(url)
-        if ex.head_size > self.ctx.max_request_line:
+        ex.target += url  # type: ignore[union-attr]
+        ex.head_size += len(url)  # type: ignore[union-attr]
+        if ex.head_size > self.ctx.max_request_line:  # type: ignore[union-attr]
             self.head_error = errors.UriTooLong("Request URI is too long")
             raise self.head_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
+        assert ex is not None
+        ex.head_size += len(name) + len(value) + 4
         if self.in_head:
             ex.headers.append((name, value))
-            ex.head_size += len(name) + len(value) + 4
             if ex.head_size > self.ctx.max_header_bytes:
                 self.head_error = errors.HeadersTooLarge("Request header is too large")
                 raise self.head_error
@@ -296,17 +280,20 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
             if ex.trailers is None:
                 ex.trailers = []
             ex.trailers.append((name, value))
-            ex.head_size += len(name) + len(value) + 4
-            if ex.head_size > self.ctx.max_header_bytes or len(ex.trailers) > self.ctx.max_header_count:
+            if (ex.head_size > self.ctx.max_header_bytes
+                    or len(ex.trailers) > self.ctx.max_header_count):
                 self.head_error = errors.HeadersTooLarge("Request trailers are too large")
                 raise self.head_error
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
+        assert ex is not None
         parser = self.parser
+        assert parser is not None
         self.in_head = False
         self.head_bytes = self.quiet_bytes = 0
-        self.deadline = 0.0
+        self.clear_deadline()
+        ex.head_complete()
         ex.started = monotonic()
         ex.method = parser.get_method()
         version = parser.get_http_version()
@@ -324,48 +311,17 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         if ex.scanned is not None and ex.scanned.length > 0 and ex.upgrade is None:
             self.body_left = ex.scanned.length
         if ex is self.active and not self.closing:
-            self.ready = ex  # dispatched once llhttp returns (see data_received)
+            self.ready = ex  # started once llhttp returns (feed_parser)
 
     def on_body(self, body: bytes) -> None:
+        self.quiet_bytes = 0
         if self.body_left:
             self.body_left -= len(body)
-        self.request_body(body)
-
-    def relay_request_body(self, data: bytes) -> None:
-        """Content-Length body bytes after the first read: no llhttp, no copy. The parser,
-        which still expects them, is replaced when the body ends."""
-        left = self.body_left
-        self.quiet_bytes = 0
-        if len(data) < left:
-            self.body_left = left - len(data)
-            self.request_body(data)
-            return
-        self.body_left = 0
-        self.request_body(data if len(data) == left else data[:left])
-        self.parser = HttpRequestParser(self)
-        self.on_message_complete()
-        if len(data) > left:  # the next (pipelined) request
-            self.data_received(data[left:])
-
-    def request_body(self, body: bytes) -> None:
+            if self.body_left:
+                self.feed = self.feed_body  # the rest bypasses llhttp
         ex = self.parsing
-        self.quiet_bytes = 0
-        if ex is None or ex.discard or ex.error is not None:
-            return
-        ex.bytes_in += len(body)
-        up = ex.upstream
-        if up is not None:
-            if ex.chunked:
-                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-            else:
-                up.transport.write(body)
-            return
-        if ex.pending is None:
-            ex.pending = []
-        ex.pending.append(body)
-        ex.pending_size += len(body)
-        if ex.pending_size > PENDING_LIMIT:
-            self.gate.pause(WAITING_UPSTREAM)
+        if ex is not None:
+            ex.request_body(body)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -374,147 +330,103 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
         self.parsing = None
         self.in_head = True
         self.quiet_bytes = 0
-        ex.request_done = True
-        if ex.discard:
-            if ex.response_done:
-                self.finish(ex)
-        elif ex.upstream is not None:
-            self.request_sent(ex, ex.upstream)
+        ex.request_complete()
 
-    # -- request side -------------------------------------------------------------------------
-    def dispatch(self, ex: Exchange) -> None:
-        """Send the active exchange on its way: answer it, look it up, or bind a backend."""
-        if ex.error is not None:
-            self.answer(ex, ex.error)
+    # -- the exchanges' ends (ClientSide) ------------------------------------------------------
+    def exchange_done(self, ex: Exchange) -> None:
+        """`ex` is complete both ways: serve the next pipelined request or wait for one."""
+        ex.end()
+        self.active = None
+        if ex.close_after or self.closing:
+            self.linger_close()
             return
-        if ex.lookup is not None:
-            self.routing = self.loop.create_task(self.finish_routing(ex))
+        if ex is self.upgrading:  # refused: what followed the upgrade request is HTTP again
+            self.release_held()
             return
-        if self.ctx.sandbox_limit and self.slot is None:
-            if not self.ctx.take_slot(ex.sandbox_id):
-                self.answer(ex, errors.SandboxBusy(ex.sandbox_id, self.ctx.sandbox_limit))
-                return
-            self.slot = ex.sandbox_id
-        if ex.resume:  # admitted; the sandbox must be woken first
-            self.routing = self.loop.create_task(self.finish_resume(ex))
-            return
-        self.connect_to_backend(ex, fresh=False)
+        queued = self.queued
+        if queued:
+            nxt = self.active = queued.popleft()
+            if not queued and self.pending_error is None:
+                self.gate.resume(WAITING_TURN)
+            if nxt.method:  # its head is complete
+                if self.feeding:
+                    self.ready = nxt  # llhttp has not finished with this read yet
+                else:
+                    nxt.start()
+        elif self.pending_error is not None:
+            error, self.pending_error = self.pending_error, None
+            Exchange(self).answer(error)  # a BadRequest: it closes
+        elif self.in_head and not self.head_bytes:
+            self.set_deadline(Deadline.IDLE, self.ctx.client_idle_timeout)
 
-    def connect_to_backend(self, ex: Exchange, fresh: bool) -> None:
-        record = ex.record
-        pool = self.ctx.pools.pool(record.sandbox_id, record.host, ex.backend_port)
-        conn = None if fresh else pool.take()
-        if conn is not None:
-            self.bind(ex, conn)
+    def flush_out(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            if not self.transport.is_closing():
+                self.transport.writelines(out)
+
+    def linger_close(self) -> None:
+        """Send FIN after the answer, keep reading (and dropping) briefly, then close.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy the
+        answer before the client reads it.
+        """
+        self.flush_out()
+        self.closing = True
+        self.feed = self.feed_nothing
+        if self.active is not None:
+            self.active.end()
+        self.active = self.queued = None
+        self.gate.reasons = 0
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+        self.set_deadline(Deadline.LINGER, LINGER_SECONDS)
+
+    def abort_response(self, hard: bool) -> None:
+        self.closing = True
+        self.feed = self.feed_nothing
+        if hard:
+            reset(self.transport)  # a FIN would look like a complete body
         else:
-            self.connecting = self.loop.create_task(self.connect(ex, pool))
+            self.transport.close()  # fewer bytes than framed: the client sees it
 
-    async def finish_routing(self, ex: Exchange) -> None:
-        """The registry answers asynchronously (a remote store): await it, then admit."""
-        try:
-            record = await ex.lookup
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            registry_warnings.warn("registry look-up of %s failed: %s", ex.sandbox_id, exc)
-            record = errors.RegistryUnavailable(ex.sandbox_id)
-        self.routing = None
-        ex.lookup = None
-        if self.closed or self.active is not ex:
-            return
-        try:
-            if isinstance(record, errors.ProxyError):
-                raise record
-            if record is None:
-                raise errors.SandboxNotFound(ex.sandbox_id)
-            admit(self.ctx, ex, record, self.client_ip, self.trusted)
-        except errors.ProxyError as exc:
-            ex.error = exc.with_traceback(None)
-        self.dispatch(ex)
+    def upstream_full(self) -> None:
+        """The backend's send buffer is full: stop reading the client, and check from time to
+        time that the client is still there (a paused socket is not watched)."""
+        self.gate.pause(PEER_FULL)
+        if self.deadline_kind == Deadline.NONE:
+            self.set_deadline(Deadline.PROBE, PROBE_SECONDS)
 
-    async def finish_resume(self, ex: Exchange) -> None:
-        """Wake the admitted request's sandbox, then admit the request again (the running
-        record may point elsewhere) and send it on."""
-        record = ex.record
-        try:
-            woken = await self.ctx.registry.resume(ex.sandbox_id, ex.port, record.state)
-            if woken is None:
-                raise errors.SandboxNotFound(ex.sandbox_id)
-            if not self.closed and self.active is ex:
-                admit(self.ctx, ex, woken, self.client_ip, self.trusted)
-            if ex.resume:  # paused again already
-                raise errors.ResumeFailed(ex.sandbox_id)
-        except asyncio.CancelledError:
-            raise
-        except errors.ProxyError as exc:
-            ex.error = exc.with_traceback(None)
-        except ResumeRefused as exc:
-            ex.error = (errors.ResumeForbidden(ex.sandbox_id) if exc.status == 403
-                        else errors.ResumeRateLimited(ex.sandbox_id, exc.retry_after))
-        except ResumeFailed as exc:
-            log.warning("%s", exc)
-            ex.error = errors.ResumeFailed(ex.sandbox_id)
-        except Exception as exc:
-            registry_warnings.warn("resume of %s failed: %s", ex.sandbox_id, exc)
-            ex.error = errors.RegistryUnavailable(ex.sandbox_id)
-        self.routing = None
-        if self.closed or self.active is not ex:
-            return
-        self.dispatch(ex)
+    def upstream_drained(self) -> None:
+        self.gate.resume(PEER_FULL)
+        if self.deadline_kind == Deadline.PROBE:
+            self.clear_deadline()
 
-    async def connect(self, ex: Exchange, pool) -> None:
-        started = monotonic()
-        try:
-            conn = await pool.connect()
-        except (ConnectFailed, BackendRefused) as exc:
-            self.connecting = None
-            if self.active is ex:
-                log.warning("backend %s:%s of sandbox %s: %s", pool.host, pool.port,
-                            pool.sandbox_id, exc)
-                if isinstance(exc, BackendRefused):
-                    self.answer(ex, errors.BackendNotAllowed(ex.sandbox_id))
-                elif exc.timed_out:
-                    self.answer(ex, errors.UpstreamTimeout(ex.sandbox_id, ex.port))
-                else:
-                    self.answer(ex, errors.PortNotOpen(ex.sandbox_id, ex.port))
-            return
-        self.connecting = None
-        ex.connect_time = monotonic() - started
-        if self.closed or self.active is not ex:
-            pool.release(conn)
-            return
-        self.bind(ex, conn)
+    def start_tunnel(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None:
+        """The backend answered 101: relay raw bytes both ways from now on."""
+        self.tunnel = up.tunnel = Tunnel(self, up)
+        self.tunnel_peer = up.transport
+        up.tunnel_peer = self.transport
+        self.clear_deadline()
+        up.deadline = 0.0
+        if rest:
+            self.out.append(rest)
+        self.flush_out()
+        early, self.held = self.held, None
+        self.upgrading = None
+        self.feed = self.feed_tunnel
+        for data in early or ():
+            if data:
+                self.tunnel_in += len(data)
+                up.transport.write(data)
+        self.gate.resume(WAITING_UPSTREAM)
 
-    def bind(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        seen = self.ctx.activity_seen
-        if seen is not None:
-            seen[ex.sandbox_id] = self.loop.time()
-        conn.client = self
-        ex.upstream = self.upstream = conn
-        if self.writing_paused:
-            conn.pause_reading()
-        transport = conn.transport
-        transport.write(ex.upstream_head)
-        if ex.pending is not None:
-            for body in ex.pending:
-                if ex.chunked:
-                    transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-                else:
-                    transport.write(body)
-            ex.pending = None
-            self.gate.resume(WAITING_UPSTREAM)
-        if ex.request_done:
-            self.request_sent(ex, conn)
-
-    def request_sent(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        """The whole request is on its way: end chunked framing and start the header clock."""
-        if ex.chunked:
-            trailers = (trailer_lines(ex.trailers, self.ctx.private_headers) if ex.trailers
-                        else b"")
-            conn.transport.write(b"0\r\n" + trailers + b"\r\n")
-        if not ex.response_started:
-            conn.deadline = self.loop.time() + self.ctx.upstream_header_timeout
-
+    # -- malformed requests --------------------------------------------------------------------
     def request_malformed(self, exc: HttpParserError | None,
                           error: errors.ProxyError | None = None) -> None:
         if self.closing:
@@ -530,16 +442,68 @@ class ClientConnection(ExchangeLifecycle, ResponseRelay, asyncio.Protocol):
                 self.queued.pop()
             self.parsing = None
             self.pending_error = error
+            self.feed = self.feed_nothing
             self.gate.pause(WAITING_TURN)
             return
-        if ex is not None and ex.response_started:
+        if ex is not None and ex.responding:
+            ex.outcome = "client_malformed"
             reset(self.transport)  # mid-response: nothing sane can follow
             return
         if ex is not None and ex.upstream is not None:
-            up, self.upstream, ex.upstream = ex.upstream, None, None
+            up, ex.upstream = ex.upstream, None
             up.client = None
             up.abort()
         if ex is None:
-            ex = Exchange()
+            ex = Exchange(self)
         self.queued = None
-        self.answer(ex, error)  # parse errors are BadRequests: they close
+        ex.answer(error)  # parse errors are BadRequests: they close
+
+    # -- deadlines and drain --------------------------------------------------------------------
+    def set_deadline(self, kind: Deadline, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.loop.time() + seconds
+
+    def clear_deadline(self) -> None:
+        self.deadline_kind = Deadline.NONE
+        self.deadline = 0.0
+
+    def on_deadline(self) -> None:
+        kind, self.deadline_kind = self.deadline_kind, Deadline.NONE
+        if kind == Deadline.PROBE:
+            if not self.gate.reasons & PEER_FULL:
+                return
+            ex = self.active
+            mid_request = self.tunnel is None and ex is not None and not ex.request_done
+            if peer_closed(self.transport, half_close_counts=mid_request):
+                self.transport.abort()  # connection_lost releases the backend connection
+            else:
+                self.set_deadline(Deadline.PROBE, PROBE_SECONDS)
+        elif kind == Deadline.LINGER or kind == Deadline.IDLE:
+            self.closing = True
+            self.transport.close()  # linger over, or idle keep-alive
+        elif kind == Deadline.HEADER:
+            if self.active is None and not self.head_bytes:
+                self.closing = True
+                self.transport.close()  # a new connection that never sent a byte
+                return
+            ex = self.active or Exchange(self)
+            ex.close_after = True
+            ex.answer(errors.RequestTimeout("Request header timed out"))
+
+    def tunnel_lost(self) -> None:
+        """The backend side of the tunnel is gone: close this side after what was written."""
+        self.tunnel_peer = None
+        self.feed = self.feed_nothing
+        if not self.closed:
+            self.closing = True
+            self.transport.close()
+
+    def drain(self) -> None:
+        """Shutting down: finish the exchange under way, then close; close idle ones now."""
+        if self.tunnel is not None:
+            return  # tunnels get until the drain timeout
+        if self.active is None and not self.head_bytes:
+            self.closing = True
+            self.transport.close()
+        elif self.active is not None:
+            self.active.close_after = True

@@ -1,57 +1,96 @@
-"""Exchange: one request/response pair as the client connection sees it, and the routing decision
-made for it once its head is complete.
+"""Exchange: one request and its response, from the moment its head is parsed to its end.
 
-`route_request` runs the steps in order (request target, headers, Host or routing headers ->
-sandbox address, registry look-up) and `admit` the per-sandbox ones (paused, traffic token, backend
-head). Each step either passes or raises the ProxyError that answers the request. A registry that
-must ask a remote store returns an awaitable; the client connection awaits it and calls `admit`.
+Read top to bottom, an exchange does for one request what a reverse proxy does (the order of Go's
+`ReverseProxy.ServeHTTP`): `start` answers it, waits for a remote registry or a resume, or binds a
+backend connection (`connect`, `bind`); the request body follows (`request_body`,
+`request_complete`); the response comes back as the backend sends it (`response_head`,
+`response_body`, `response_complete`: the ResponseDestination of proxy/destination.py); the
+backend may go away or stay silent (`upstream_lost`, `upstream_timed_out`) or switch protocols
+(`upstream_upgraded`); the proxy may answer itself (`answer`). `end` accounts for the exchange
+exactly once (metrics, access log), however it ended.
+
+Each side has a small state whose transitions are checked in one place (`_request_to`,
+`_response_to`). Routing and admission decisions are proxy/admission.py's; framing rules are
+proxy/http1.py's; the exchange reaches its client connection only through `ClientSide`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
-import time
-import urllib.parse
+import asyncio
+import enum
+import logging
+from time import monotonic
 from typing import TYPE_CHECKING, Awaitable
 
-from proxy import errors, share
-from proxy.blocked_paths import blocked_prefix
-from proxy.connect_rpc import EnvelopeTracker
-from proxy.headers import (MalformedHeaders, RequestHeaders, UnsupportedTransferCoding,
-                           build_request_head, cookie_value, forwarding_lines,
-                           scan_request_headers, without_cookie)
-from proxy.host import (BadHost, SandboxAddress, host_chars_valid, parse_sandbox_host,
-                        strip_host_port)
-from proxy.origin import origin_follows_mask
-from proxy.registry import SandboxRecord
-from proxy.registry.record import TRANSITIONS
+from proxy import errors
+from proxy.admission import admit
+from proxy.connect_rpc import EnvelopeTracker, end_stream_unavailable
+from proxy.flow import WAITING_UPSTREAM
+from proxy.headers import MalformedHeaders, RequestHeaders, scan_response_headers, trailer_lines
+from proxy.http1 import (LAST_CHUNK, Body, FramingError, backend_body, chunk, client_body,
+                         framing_lines, last_chunk, status_line)
+from proxy.registry.resume import ResumeFailed, ResumeRefused
+from proxy.upstream import BackendRefused, ConnectFailed
 
 if TYPE_CHECKING:
-    from proxy.context import EdgeContext
-    from proxy.upstream import UpstreamConnection
+    from proxy.destination import ClientSide
+    from proxy.registry import SandboxRecord
+    from proxy.upstream import UpstreamConnection, UpstreamPool
 
-# How the response body is framed towards the client.
-BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = range(4)
+log = logging.getLogger("sandbox_proxy.exchange")
+
 # Methods a request may be retried with on a fresh connection when a pooled one turned out dead
 # (RFC 9110 9.2.2), provided it carried no body.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_COOKIE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+PENDING_LIMIT = 256 * 1024  # request bytes buffered while the backend connection opens
+
+
+class RequestState(enum.IntEnum):
+    HEAD = 1     # the head is being parsed
+    BODY = 2     # the head is complete; body bytes may follow
+    DONE = 4     # the whole request was received
+    DISCARD = 8  # answered before its body ended: the rest is read and dropped
+
+
+class ResponseState(enum.IntEnum):
+    WAITING = 1    # nothing final sent (interim 1xx answers may have been relayed)
+    STREAMING = 2  # the final head is out; body bytes follow
+    DONE = 4       # the response is complete (or abandoned): nothing more is written
+    TUNNEL = 8     # a 101 was relayed: the connections carry raw bytes
+
+
+# The states each state may be entered from: the one place transitions are checked.
+_REQUEST_FROM = {RequestState.BODY: RequestState.HEAD,
+                 RequestState.DONE: RequestState.BODY | RequestState.DISCARD,
+                 RequestState.DISCARD: RequestState.BODY}
+_RESPONSE_FROM = {ResponseState.STREAMING: ResponseState.WAITING,
+                  ResponseState.DONE: ResponseState.WAITING | ResponseState.STREAMING,
+                  ResponseState.TUNNEL: ResponseState.STREAMING}
+
+
+class StateError(RuntimeError):
+    """A transition the state machine does not allow: a bug, never a peer's doing."""
 
 
 class Exchange:
     __slots__ = (
-        "method", "target", "headers", "head_size", "http11", "keep_alive", "upgrade",
-        "error", "scanned", "host", "sandbox_id", "record", "port", "backend_port", "lookup",
+        "conn", "request", "response",
+        # the request as parsed and routed
+        "method", "target", "headers", "head_size", "http11", "keep_alive", "upgrade", "error",
+        "scanned", "host", "sandbox_id", "record", "port", "backend_port", "lookup", "resume",
         "upstream_head", "chunked", "has_body", "pending", "pending_size", "trailers",
-        "request_done", "upstream", "retried", "response_started", "response_done", "status",
-        "body_mode", "upstream_until_close", "upstream_reusable", "close_after", "discard",
+        # the backend side
+        "upstream", "retried", "waiting", "connecting", "slot",
+        # the response
+        "status", "body", "backend", "upstream_reusable", "close_after", "envelopes",
+        # accounting
         "started", "bytes_in", "bytes_out", "connect_time", "protocol", "outcome", "ended",
-        "envelopes", "resume",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, conn: ClientSide) -> None:
+        self.conn = conn
+        self.request = RequestState.HEAD
+        self.response = ResponseState.WAITING
         self.method = b""
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -59,32 +98,32 @@ class Exchange:
         self.http11 = True
         self.keep_alive = True
         self.upgrade: bytes | None = None  # the Upgrade value of a Connection: upgrade request
-        self.error: errors.ProxyError | None = None
+        self.error: errors.ProxyError | None = None  # decided while routing: answered by start
         self.scanned: RequestHeaders | None = None
         self.host = b""
         self.sandbox_id = ""
         self.record: SandboxRecord | None = None
         self.port = 0
         self.backend_port = 0
-        self.lookup: Awaitable | None = None  # a registry answer still to come
+        self.lookup: Awaitable | None = None  # a remote registry's answer still to come
+        self.resume = False  # admitted to a sandbox that must be woken before it is served
         self.upstream_head = b""
         self.chunked = False
         self.has_body = False
         self.pending: list[bytes] | None = None  # body received before a backend was bound
         self.pending_size = 0
         self.trailers: list[tuple[bytes, bytes]] | None = None
-        self.request_done = False
         self.upstream: UpstreamConnection | None = None
         self.retried = False
-        self.response_started = False
-        self.response_done = False
+        self.waiting: asyncio.Task | None = None     # awaiting a remote registry or a resume
+        self.connecting: asyncio.Task | None = None  # opening a backend connection
+        self.slot = False  # holds one of the sandbox's [limits] sandbox_connections
         self.status = 0
-        self.body_mode = BODY_NONE
-        self.upstream_until_close = False
+        self.body = Body.NONE      # how the client's copy of the body is framed
+        self.backend = Body.NONE   # how the backend's body ends
         self.upstream_reusable = False
-        self.close_after = False
-        self.discard = False  # the response is done: drop the rest of the request body
-        # for metrics and the access log
+        self.close_after = False   # the client connection closes after this response
+        self.envelopes: EnvelopeTracker | None = None  # a Connect streaming response's framing
         self.started = 0.0      # time.monotonic() when the head was complete
         self.bytes_in = 0       # request body bytes
         self.bytes_out = 0      # response body bytes
@@ -92,8 +131,26 @@ class Exchange:
         self.protocol = "http"  # http | sse | websocket | tunnel
         self.outcome = "ok"
         self.ended = False      # accounted for (metrics, access log)
-        self.envelopes: EnvelopeTracker | None = None  # a Connect streaming response's framing
-        self.resume = False  # admitted to a sandbox that must be woken before it is served
+
+    # -- state ------------------------------------------------------------------------------
+    def _request_to(self, state: RequestState) -> None:
+        if not _REQUEST_FROM[state] & self.request:
+            raise StateError(f"request {self.request.name} -> {state.name}")
+        self.request = state
+
+    def _response_to(self, state: ResponseState) -> None:
+        if not _RESPONSE_FROM[state] & self.response:
+            raise StateError(f"response {self.response.name} -> {state.name}")
+        self.response = state
+
+    @property
+    def request_done(self) -> bool:
+        return self.request == RequestState.DONE
+
+    @property
+    def responding(self) -> bool:
+        """The final response has begun (from the backend or the proxy)."""
+        return self.response != ResponseState.WAITING
 
     @property
     def retryable(self) -> bool:
@@ -109,258 +166,443 @@ class Exchange:
         return errors.wants_html(self.header(b"user-agent"), self.header(b"accept"),
                                  self.header(b"sec-fetch-mode"), self.header(b"x-requested-with"))
 
+    def head_complete(self) -> None:
+        self._request_to(RequestState.BODY)
 
-def _split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
-    """`http://authority/path?q` -> (authority, `/path?q`) (RFC 9112 3.2.2)."""
-    scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
-        raise errors.BadRequest("Malformed request target")
-    cut = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
-    authority, path = rest[:cut], rest[cut:]
-    if not authority or b"@" in authority:
-        raise errors.BadRequest("Malformed request target")
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return authority, path
-
-
-def _routing_headers(ctx: "EdgeContext", ex: Exchange, host: bytes) -> SandboxAddress | None:
-    """The sandbox named by E2b-Sandbox-Id/-Port, honoured on stable hosts only."""
-    try:
-        name = strip_host_port(host.decode("latin-1").strip().lower()).rstrip(".")
-    except BadHost:
-        return None
-    if name not in ctx.stable_hosts:
-        try:
-            ipaddress.ip_address(name.strip("[]"))
-        except ValueError:
-            return None
-    sandbox_id = ex.header(ctx.sandbox_id_header)
-    port = ex.header(ctx.sandbox_port_header)
-    if sandbox_id is None and port is None:
-        return None
-    if sandbox_id is None or port is None:
-        raise errors.BadHost(f"{ctx.config.routing.sandbox_id_header} and "
-                             f"{ctx.config.routing.sandbox_port_header} must be sent together")
-    try:
-        return parse_sandbox_host(f"{port.decode('latin-1').strip()}-"
-                                  f"{sandbox_id.decode('latin-1').strip()}.routed", ("routed",))
-    except BadHost as exc:
-        raise errors.BadHost(f"Invalid sandbox routing headers: {exc}") from None
-
-
-def route_request(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: bool,
-                  host_cache: dict[bytes, SandboxAddress]) -> Awaitable | None:
-    """Route `ex`; returns an awaitable when the registry must be asked remotely."""
-    method = ex.method
-    if method == b"CONNECT":
-        raise errors.MethodNotAllowed("CONNECT is not supported")
-    target = ex.target
-    authority = None
-    if not target.startswith(b"/"):
-        if target != b"*" or method != b"OPTIONS":
-            authority, target = _split_absolute_form(target)
-            ex.target = target
-    try:
-        scanned = scan_request_headers(ex.headers, trusted, ctx.private_headers)
-    except UnsupportedTransferCoding as exc:
-        raise errors.NotImplementedTransferCoding(str(exc)) from None
-    except MalformedHeaders as exc:
-        raise errors.BadRequest(str(exc)) from None
-    host = authority if authority is not None else scanned.host
-    if not host:
-        raise errors.BadHost("Missing Host header")
-    ex.scanned = scanned
-    ex.host = host
-    ex.chunked = scanned.chunked
-    ex.has_body = scanned.chunked or scanned.content_length
-    if ex.upgrade is not None and ex.has_body:
-        raise errors.BadRequest("An upgrade request must not carry a body")
-    address = host_cache.get(host)
-    if address is None:
-        if not host_chars_valid(host):
-            raise errors.BadHost("Invalid host: characters outside [A-Za-z0-9.:-]")
-        address = ctx.header_routing and _routing_headers(ctx, ex, host)
-        if not address:
-            try:
-                address = parse_sandbox_host(host.decode("latin-1"), ctx.domains)
-            except BadHost as exc:
-                raise errors.BadHost(f"Invalid host: {exc}") from None
-            if len(host_cache) > 64:
-                host_cache.clear()
-            host_cache[host] = address
-    ex.port, ex.sandbox_id = address
-    found = ctx.registry.lookup(ex.sandbox_id, ex.port)
-    if found is None:
-        ctx.stats.lookups_not_found += 1
-        raise errors.SandboxNotFound(ex.sandbox_id)
-    if type(found) is SandboxRecord:
-        ctx.stats.lookups_found += 1
-        admit(ctx, ex, found, client_ip, trusted)
-        return None
-    return found
-
-
-def admit(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, client_ip: bytes,
-          trusted: bool) -> None:
-    """The per-sandbox steps: running, ingress rules, token, then the head the backend sees.
-
-    Every step that can refuse the request runs before a sandbox that is not running is woken:
-    such a record is admitted with `ex.resume` set, and admitted again once it runs."""
-    if record.paused and not (record.auto_resume and ctx.can_resume):
-        if record.state in TRANSITIONS:
-            raise errors.SandboxTransitioning(ex.sandbox_id)
-        raise errors.SandboxPaused(ex.sandbox_id)
-    if record.allowed_clients is not None:
-        address = real_client_address(ctx, ex, client_ip, trusted)
-        if not record.client_allowed(ex.port, address):
-            raise errors.ClientNotAllowed(ex.sandbox_id, str(address or client_ip.decode()),
-                                          ex.port)
-    if record.blocked_paths is not None:
-        prefixes = record.blocked_paths.get(ex.port)
-        if prefixes and blocked_prefix(ex.target, prefixes) is not None:
-            raise errors.PathBlocked(ex.target.partition(b"?")[0].decode("latin-1"))
-    if record.token_sha256 is not None and ex.port not in (
-            ctx.exempt_ports if record.public_ports is None else record.public_ports):
-        check_token(ctx, ex, record, trusted)
-    if record.paused:
-        ex.resume = True
-        ex.record = record
-        return
-    ex.resume = False
-    scanned = ex.scanned
-    if ctx.strip_cookies:  # credential cookies never reach a backend
-        scanned = scanned._replace(lines=without_cookie(scanned.lines, ctx.strip_cookies))
-    ex.record = record
-    ex.backend_port = record.backend_port(ex.port)
-    masked = record.masked_host(ex.port)
-    host = ex.host
-    if masked is not None and (ctx.mask_origin if record.mask_origin is None
-                               else record.mask_origin):
-        # the scheme the client used, decided as forwarding_lines decides X-Forwarded-Proto
-        scheme = scanned.forwarded_proto if trusted and scanned.forwarded_proto else ctx.scheme
-        lines = origin_follows_mask(scanned.lines, scanned.names, scheme, host, masked)
-        if lines is not None:
-            scanned = scanned._replace(lines=lines)
-    ex.upstream_head = build_request_head(
-        ex.method, ex.target, masked if masked is not None else host, scanned,
-        forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted), upgrade=ex.upgrade)
-
-
-def real_client_address(ctx: "EdgeContext", ex: Exchange, client_ip: bytes, trusted: bool,
-                        ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's own address: the connection's peer (or its PROXY protocol source), or, when
-    that peer is a trusted proxy, the right-most X-Forwarded-For entry that is not one of ours
-    (entries to its left could be written by anyone)."""
-    try:
-        address = ipaddress.ip_address(client_ip.decode())
-    except ValueError:
-        return None
-    forwarded = ex.scanned.forwarded_for if trusted and ex.scanned is not None else None
-    if forwarded is None:
-        return address
-    for entry in reversed(forwarded.split(b",")):
-        text = entry.strip().decode("latin-1")
-        if text.startswith("[") and "]" in text:
-            text = text[1:text.index("]")]
-        elif text.count(":") == 1:  # IPv4 with a port
-            text = text.partition(":")[0]
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            return None  # an entry we cannot read: no address to grant anything to
-        if not ctx.is_trusted(str(address)):
-            return address
-    return address
-
-
-def _token_matches(token: bytes, record: SandboxRecord) -> bool:
-    return hmac.compare_digest(hashlib.sha256(token).digest(), record.token_sha256)
-
-
-def check_token(ctx: "EdgeContext", ex: Exchange, record: SandboxRecord, trusted: bool) -> None:
-    """Raise unless the request carries a credential for the sandbox.
-
-    Every credential a request carries is looked at, whichever else it carries. Query parameters
-    first, since they must never reach the backend: with `[access] browser_cookie`,
-    `?access_token=` and, with a `share_key`, `?share=`; a valid one is answered with a cookie and
-    a redirect without it (TokenAccepted), a wrong one is a 403. Then the token header, the token
-    cookie, the share cookie (checked again on every request: expiry, port, epoch). No credential
-    at all is AccessDenied.missing, never a pass.
-    """
-    header_name = ctx.token_header_name
-    access = ctx.config.access
-    if access.browser_cookie:
-        values, location = _query_credential(ex.target, ctx.query_parameter)
-        if values:
-            token = values[0]
-            if (any(v != token for v in values) or not token
-                    or not _COOKIE_SAFE.issuperset(token) or not _token_matches(token, record)):
-                raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
-            raise _accepted(ctx, ex, trusted, location, ctx.cookie_name, token)
-    share_key = ctx.share_key
-    if share_key is not None:
-        values, location = _query_credential(ex.target, share.QUERY_PARAMETER)
-        if values:
-            token = values[0]
-            if any(v != token for v in values) or not share.valid(
-                    share_key, token, ex.sandbox_id, ex.port, record.share_epoch, time.time()):
-                raise errors.AccessDenied.share_invalid(ex.sandbox_id)
-            raise _accepted(ctx, ex, trusted, location, share.COOKIE_NAME, token,
-                            max_age=max(0, share.expiry_of(token) - int(time.time())))
-    token = ex.header(ctx.token_header)
-    if token is None and access.browser_cookie:
-        token = cookie_value(ex.header(b"cookie"), ctx.cookie_name)
-    if token is None and share_key is not None:
-        shared = cookie_value(ex.header(b"cookie"), share.COOKIE_NAME)
-        if shared is not None:
-            if share.valid(share_key, shared, ex.sandbox_id, ex.port, record.share_epoch,
-                           time.time()):
+    # -- 1. start: answer, await, or bind a backend -----------------------------------------
+    def start(self) -> None:
+        """Send the exchange on its way, once its head is parsed and routed."""
+        if self.error is not None:
+            self.answer(self.error)
+            return
+        conn = self.conn
+        ctx = conn.ctx
+        if self.lookup is not None:
+            self.waiting = conn.loop.create_task(self.finish_routing())
+            return
+        if ctx.sandbox_limit and not self.slot:
+            if not ctx.take_slot(self.sandbox_id):
+                self.answer(errors.SandboxBusy(self.sandbox_id, ctx.sandbox_limit))
                 return
-            raise errors.AccessDenied.share_invalid(ex.sandbox_id)
-    if token is None:
-        raise errors.AccessDenied.missing(ex.sandbox_id, header_name)
-    if not _token_matches(token, record):
-        raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
+            self.slot = True
+        if self.resume:  # admitted; the sandbox must be woken first
+            self.waiting = conn.loop.create_task(self.finish_resume())
+            return
+        self.connect(fresh=False)
 
+    async def finish_routing(self) -> None:
+        """The registry answers asynchronously (a remote store): await it, then admit."""
+        try:
+            record = await self.lookup  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            registry_warnings.warn("registry look-up of %s failed: %s", self.sandbox_id, exc)
+            record = errors.RegistryUnavailable(self.sandbox_id)
+        self.waiting = self.lookup = None
+        if self.conn.closed:
+            return
+        try:
+            if isinstance(record, errors.ProxyError):
+                raise record
+            if record is None:
+                raise errors.SandboxNotFound(self.sandbox_id)
+            admit(self.conn.ctx, self, record, self.conn.client_ip, self.conn.trusted)
+        except errors.ProxyError as exc:
+            self.error = exc.with_traceback(None)
+        self.start()
 
-def _percent_decoded(text: bytes) -> bytes:
-    if b"%" not in text and b"+" not in text:
-        return text
-    return urllib.parse.unquote_to_bytes(text.replace(b"+", b" "))
+    async def finish_resume(self) -> None:
+        """Wake the admitted request's sandbox, then admit the request again (the running
+        record may point elsewhere) and send it on."""
+        conn = self.conn
+        try:
+            woken = await conn.ctx.registry.resume(  # type: ignore[attr-defined]
+                self.sandbox_id, self.port, self.record.state)  # type: ignore[union-attr]
+            if woken is None:
+                raise errors.SandboxNotFound(self.sandbox_id)
+            if not conn.closed:
+                admit(conn.ctx, self, woken, conn.client_ip, conn.trusted)
+            if self.resume:  # paused again already
+                raise errors.ResumeFailed(self.sandbox_id)
+        except asyncio.CancelledError:
+            raise
+        except errors.ProxyError as exc:
+            self.error = exc.with_traceback(None)
+        except ResumeRefused as exc:
+            self.error = (errors.ResumeForbidden(self.sandbox_id) if exc.status == 403
+                          else errors.ResumeRateLimited(self.sandbox_id, exc.retry_after))
+        except ResumeFailed as exc:
+            log.warning("%s", exc)
+            self.error = errors.ResumeFailed(self.sandbox_id)
+        except Exception as exc:
+            registry_warnings.warn("resume of %s failed: %s", self.sandbox_id, exc)
+            self.error = errors.RegistryUnavailable(self.sandbox_id)
+        self.waiting = None
+        if not conn.closed:
+            self.start()
 
-
-def _same_site_path(path: bytes) -> bytes:
-    """`path` as a Location that can only point at this host: a leading run of slashes or
-    backslashes would make browsers read it as `//other.host/` (an open redirect)."""
-    rest = path.lstrip(b"/\\")
-    return b"/" + rest if len(rest) != len(path) or not path else path
-
-
-def _query_credential(target: bytes, name: bytes) -> tuple[list[bytes], bytes]:
-    """The values of query parameter `name` and the target without it, as a same-site Location.
-
-    Names are compared percent-decoded (`access%5Ftoken` is the same parameter to the backend's
-    framework); every occurrence is removed."""
-    path, question, query = target.partition(b"?")
-    if not question:
-        return [], target
-    kept, values = [], []
-    for pair in query.split(b"&"):
-        key, _, value = pair.partition(b"=")
-        if _percent_decoded(key) == name:
-            values.append(value)
+    def connect(self, fresh: bool) -> None:
+        """Bind a pooled connection to the sandbox's backend, or open one (`fresh`: do not take
+        a pooled one)."""
+        record = self.record
+        assert record is not None
+        pool = self.conn.ctx.pools.pool(record.sandbox_id, record.host, self.backend_port)
+        up = None if fresh else pool.take()
+        if up is not None:
+            self.bind(up)
         else:
-            kept.append(pair)
-    return values, _same_site_path(path) + (b"?" + b"&".join(kept) if kept else b"")
+            self.connecting = self.conn.loop.create_task(self.open_connection(pool))
+
+    async def open_connection(self, pool: UpstreamPool) -> None:
+        started = monotonic()
+        try:
+            up = await pool.connect()
+        except (ConnectFailed, BackendRefused) as exc:
+            self.connecting = None
+            if not self.conn.closed and self.response == ResponseState.WAITING:
+                log.warning("backend %s:%s of sandbox %s: %s", pool.host, pool.port,
+                            pool.sandbox_id, exc)
+                if isinstance(exc, BackendRefused):
+                    self.answer(errors.BackendNotAllowed(self.sandbox_id))
+                elif exc.timed_out:
+                    self.answer(errors.UpstreamTimeout(self.sandbox_id, self.port))
+                else:
+                    self.answer(errors.PortNotOpen(self.sandbox_id, self.port))
+            return
+        self.connecting = None
+        self.connect_time = monotonic() - started
+        if self.conn.closed or self.response != ResponseState.WAITING:
+            pool.release(up)  # a connection made just as the client left goes to the pool
+            return
+        self.bind(up)
+
+    def bind(self, up: UpstreamConnection) -> None:
+        """Send the head (and any body received meanwhile) on `up`."""
+        conn = self.conn
+        seen = conn.ctx.activity_seen
+        if seen is not None:
+            seen[self.sandbox_id] = conn.loop.time()
+        up.client = self
+        self.upstream = up
+        if conn.writing_paused:
+            up.pause_reading()
+        transport = up.transport
+        transport.write(self.upstream_head)
+        if self.pending is not None:
+            for body in self.pending:
+                if self.chunked:
+                    transport.writelines(chunk(body))
+                else:
+                    transport.write(body)
+            self.pending = None
+            conn.gate.resume(WAITING_UPSTREAM)
+        if self.request_done:
+            self.request_sent(up)
+
+    # -- 2. the request body -----------------------------------------------------------------
+    def request_body(self, body: bytes) -> None:
+        if self.request != RequestState.BODY or self.error is not None:
+            return  # answered already (or being answered): dropped
+        self.bytes_in += len(body)
+        up = self.upstream
+        if up is not None:
+            if self.chunked:
+                up.transport.writelines(chunk(body))
+            else:
+                up.transport.write(body)
+            return
+        if self.pending is None:
+            self.pending = []
+        self.pending.append(body)
+        self.pending_size += len(body)
+        if self.pending_size > PENDING_LIMIT:
+            self.conn.gate.pause(WAITING_UPSTREAM)
+
+    def request_complete(self) -> None:
+        """The whole request was received."""
+        discarding = self.request == RequestState.DISCARD
+        self._request_to(RequestState.DONE)
+        if discarding:
+            if self.response == ResponseState.DONE:
+                self.conn.exchange_done(self)
+        elif self.upstream is not None:
+            self.request_sent(self.upstream)
+
+    def request_sent(self, up: UpstreamConnection) -> None:
+        """The whole request is on its way: end chunked framing and start the header clock."""
+        if self.chunked:
+            trailers = (trailer_lines(self.trailers, self.conn.ctx.private_headers)
+                        if self.trailers else b"")
+            up.transport.write(last_chunk(trailers))
+        if self.response == ResponseState.WAITING:
+            up.deadline = self.conn.loop.time() + self.conn.ctx.upstream_header_timeout
+
+    # -- 3. the response (ResponseDestination) -----------------------------------------------
+    def response_head(self, up: UpstreamConnection, status: int) -> None:
+        conn = self.conn
+        ctx = conn.ctx
+        try:
+            scanned = scan_response_headers(
+                up.headers, self.host if ctx.isolate_cookies and status >= 200 else None)
+            if status >= 200 and status != 101:
+                self.backend = backend_body(self.method, status, scanned)
+                self.body = client_body(self.method, status, scanned, self.http11)
+        except (MalformedHeaders, FramingError, ValueError) as exc:
+            self.response_invalid(up, str(exc))
+            return
+        if status < 200 and status != 101:
+            if self.http11:  # interim (100 Continue, 103 Early Hints): relay, keep waiting
+                conn.out.append(status_line(status, up.status_reason)
+                                + b"".join(scanned.lines) + b"\r\n")
+            up.head_seen = False
+            return
+        up.deadline = 0.0
+        self.status = status
+        head = [status_line(status, up.status_reason)]
+        head += scanned.lines
+        if status == 101:
+            if self.upgrade is None or scanned.upgrade is None:
+                self.upstream_lost(up)  # a 101 nobody asked for: the backend is broken
+                up.close()
+                return
+            self._response_to(ResponseState.STREAMING)
+            head.append(b"Connection: Upgrade\r\nUpgrade: " + scanned.upgrade + b"\r\n\r\n")
+            conn.out.append(b"".join(head))
+            self.record_response(101, "websocket" if scanned.upgrade.strip().lower()
+                                 == b"websocket" else "tunnel")
+            return
+        self._response_to(ResponseState.STREAMING)
+        self.upstream_reusable = self.upgrade is None and up.parser.should_keep_alive()
+        mode = self.body
+        if mode == Body.LENGTH:
+            up.body_left = scanned.length  # the rest of the body bypasses the parser
+        if scanned.connect_stream and mode == Body.CHUNKED and self.backend == Body.CHUNKED:
+            self.envelopes = EnvelopeTracker()
+        head.append(framing_lines(mode, scanned, status))
+        if (not self.keep_alive or mode == Body.UNTIL_CLOSE or self.close_after
+                or ctx.draining):
+            self.close_after = True
+            head.append(b"Connection: close\r\n\r\n")
+        elif not self.http11:
+            head.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            head.append(b"\r\n")
+        conn.out.append(b"".join(head))
+        self.record_response(status, "sse" if scanned.event_stream else "http")
+        if self.method == b"HEAD":
+            up.skip_response_body()
+            self.response_complete(up)
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.envelopes is not None:
+            self.envelopes.feed(data)
+        if self.body == Body.CHUNKED:
+            self.conn.out += chunk(data)
+        else:
+            self.conn.out.append(data)
+
+    def response_complete(self, up: UpstreamConnection) -> None:
+        if self.response != ResponseState.STREAMING or self.status == 101:
+            return  # an interim response ended, or the tunnel takes over
+        if self.body == Body.CHUNKED:
+            self.conn.out.append(last_chunk(trailer_lines(up.trailers)) if up.trailers
+                                 else LAST_CHUNK)
+        self.unbind(up, reuse=self.upstream_reusable and self.request_done)
+        self.response_finished()
+
+    def flush(self) -> None:
+        self.conn.flush_out()
+
+    def upstream_full(self) -> None:
+        self.conn.upstream_full()
+
+    def upstream_drained(self) -> None:
+        self.conn.upstream_drained()
+
+    def response_finished(self) -> None:
+        """The response is complete: the exchange is, too, once the request is."""
+        self._response_to(ResponseState.DONE)
+        if self.request_done:
+            self.conn.exchange_done(self)
+        elif self.request == RequestState.BODY:
+            self._request_to(RequestState.DISCARD)  # answered early: drop the rest of the body
+
+    def unbind(self, up: UpstreamConnection, reuse: bool) -> None:
+        self.upstream = None
+        self.conn.upstream_drained()  # a full backend no longer holds the client back
+        if reuse:
+            up.pool.release(up)
+        else:
+            up.client = None
+            up.close()
+
+    def response_invalid(self, up: UpstreamConnection, reason: str) -> None:
+        """A response head the proxy will not relay: the client gets a 502, the backend
+        connection is dropped."""
+        log.info("invalid response from %s:%s of sandbox %s: %s", up.pool.host, up.pool.port,
+                 up.pool.sandbox_id, reason)
+        self.unbind(up, reuse=False)
+        self.outcome = "upstream_invalid"
+        self.answer(errors.UpstreamInvalid(self.sandbox_id, self.port))
+
+    # -- 4. the backend goes away, stays silent, or switches protocols -----------------------
+    def upstream_lost(self, up: UpstreamConnection) -> None:
+        """The backend connection closed (or broke) while bound to this exchange."""
+        if self.upstream is not up:
+            return
+        self.upstream = None
+        up.client = None
+        if self.response == ResponseState.DONE:
+            return
+        if self.response == ResponseState.STREAMING:
+            self.response_cut()
+            return
+        if up.reused and self.retryable and not self.retried:
+            self.retried = True  # a pooled connection the backend had already closed
+            self.conn.ctx.stats.retries += 1
+            self.connect(fresh=True)
+            return
+        self.answer(errors.UpstreamClosed(self.sandbox_id, self.port))
+
+    def response_cut(self) -> None:
+        """The backend's connection ended during the response body."""
+        conn = self.conn
+        if self.backend == Body.UNTIL_CLOSE:  # EOF is how this body ends
+            if self.body == Body.CHUNKED:
+                conn.out.append(LAST_CHUNK)
+            conn.flush_out()
+            self.response_finished()
+        elif self.envelopes is not None and self.envelopes.at_boundary:
+            # A Connect stream cut between envelopes: end it as Connect clients expect (an
+            # `unavailable` error they retry), then end the chunked body cleanly.
+            self.outcome = "upstream_closed"
+            if not self.envelopes.ended:
+                conn.out += chunk(end_stream_unavailable("The sandbox closed the connection"))
+            conn.out.append(LAST_CHUNK)
+            conn.flush_out()
+            self.response_finished()
+        else:
+            self.outcome = "upstream_closed"
+            self.end()
+            conn.flush_out()
+            # fewer bytes than framed, or a body whose end is the close: never complete-looking
+            conn.abort_response(hard=self.body == Body.UNTIL_CLOSE)
+
+    def upstream_timed_out(self, up: UpstreamConnection) -> None:
+        if self.upstream is not up or self.response != ResponseState.WAITING:
+            return
+        self.unbind(up, reuse=False)
+        self.answer(errors.UpstreamTimeout(self.sandbox_id, self.port))
+
+    def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> None:
+        """The backend answered 101: from now on both sides are raw byte streams."""
+        if self.upstream is not up or self.status != 101:
+            up.close()
+            return
+        self._response_to(ResponseState.TUNNEL)
+        self.started = monotonic()  # from here on it measures the stream's lifetime
+        self.conn.start_tunnel(self, up, rest)
+
+    # -- 5. answers the proxy makes itself ---------------------------------------------------
+    def answer(self, error: errors.ProxyError) -> None:
+        conn = self.conn
+        ctx = conn.ctx
+        # A body still coming is not waited for: answer, then linger-close.
+        close = (error.close or not self.keep_alive or self.close_after or ctx.draining
+                 or (self.has_body and not self.request_done))
+        status = error.status
+        if self.method == b"OPTIONS" and status >= 400 and not isinstance(
+                error, errors.BadRequest) and self.header(b"access-control-request-method"):
+            # A CORS preflight nobody else can answer: let the browser send the real request,
+            # whose answer (ours, with CORS) it can then read. Preflights that reach a live
+            # sandbox are the sandbox's to answer.
+            status = 204
+            conn.out.append(errors.render_preflight(
+                self.header(b"access-control-request-headers"), close=close))
+        else:
+            conn.out.append(errors.render_error(
+                error, html_page=self.wants_html(), head_only=self.method == b"HEAD",
+                close=close))
+        conn.flush_out()
+        self.record_response(status, "http", "proxy")
+        self.outcome = type(error).__name__
+        if close:
+            self._response_to(ResponseState.DONE)
+            self.end()
+            conn.linger_close()
+        else:
+            self.response_finished()
+
+    # -- 6. the end --------------------------------------------------------------------------
+    def record_response(self, status: int, protocol: str, origin: str = "backend") -> None:
+        self.status = status
+        self.protocol = protocol
+        stats = self.conn.ctx.stats
+        stats.response(status, self.method, protocol, origin)
+        if self.started:
+            stats.response_duration.observe(monotonic() - self.started)
+
+    def client_lost(self) -> None:
+        """The client connection is gone: stop waiting on its behalf, release the backend."""
+        if self.waiting is not None:
+            self.waiting.cancel()
+            self.waiting = None
+        # A connect under way is not cancelled: cancelling it just after the connection is made
+        # would orphan that connection; it completes and goes to the pool (open_connection).
+        self.connecting = None
+        if self.response != ResponseState.TUNNEL:
+            if self.upstream is not None:
+                up, self.upstream = self.upstream, None
+                up.client = None
+                up.abort()
+            if not self.ended:
+                self.outcome = "client_closed"
+        self.end()
+
+    def end(self) -> None:
+        """Account for the exchange once, however it ended: counters, access log, slot."""
+        if self.ended:
+            return
+        self.ended = True
+        conn = self.conn
+        ctx = conn.ctx
+        if self.slot:
+            self.slot = False
+            ctx.give_slot(self.sandbox_id)
+        stats = ctx.stats
+        stats.request_bytes += self.bytes_in
+        stats.response_bytes += self.bytes_out
+        duration = monotonic() - self.started if self.started else 0.0
+        if self.protocol == "sse":
+            stats.stream_duration["sse"].observe(duration)
+        if ctx.access_log.enabled:
+            ctx.access_log.record(conn.client_ip, self.method, self.host, self.sandbox_id,
+                                  self.port, self.target, self.status, self.bytes_in,
+                                  self.bytes_out, duration, self.connect_time, self.outcome,
+                                  self.protocol)
 
 
-def _accepted(ctx: "EdgeContext", ex: Exchange, trusted: bool, location: bytes, name: bytes,
-              value: bytes, max_age: int | None = None) -> errors.TokenAccepted:
-    """The redirect that trades a query credential for a host-only HttpOnly cookie."""
-    cookie = name + b"=" + value + b"; Path=/; HttpOnly; SameSite=Lax"
-    if max_age is not None:
-        cookie += b"; Max-Age=%d" % max_age
-    if ctx.scheme == b"https" or (trusted and ex.scanned.forwarded_proto == b"https"):
-        cookie += b"; Secure"
-    return errors.TokenAccepted(ex.sandbox_id, location, cookie)
+class RateLimitedWarning:
+    """At most one log line per `interval` for a repeated failure (a registry outage would
+    otherwise log once per request); the lines in between are counted, not lost."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" ({self.suppressed} more since the last report)"
+        self.suppressed = 0
+        self.next_at = now + self.interval
+        log.warning(message, *args)
+
+
+registry_warnings = RateLimitedWarning(5.0)

@@ -1,24 +1,33 @@
 """Tunnel: after a 101, the client and backend connections relay raw bytes both ways.
 
 Nothing parses frames, so WebSocket subprotocols, extensions, ping/pong and close codes are end to
-end. The byte copying itself lives in each protocol's data_received (one write per read, with the
+end. The byte copying itself lives in each protocol's read path (one write per read, with the
 usual write-buffer backpressure); this class owns how a tunnel ends: a half-close (EOF) is passed
 on as a half-close, and when either connection is lost the other is closed after flushing.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from proxy.edge import ClientConnection
     from proxy.upstream import UpstreamConnection
+
+
+class TunnelClient(Protocol):
+    """The client side of a tunnel (proxy/edge.py's ClientConnection)."""
+
+    transport: asyncio.Transport
+
+    def tunnel_lost(self) -> None:
+        """The backend side is gone: stop relaying, close after what was written."""
 
 
 class Tunnel:
     __slots__ = ("client", "upstream", "client_ended", "upstream_ended")
 
-    def __init__(self, client: "ClientConnection", upstream: "UpstreamConnection"):
+    def __init__(self, client: TunnelClient, upstream: UpstreamConnection):
         self.client = client
         self.upstream = upstream
         self.client_ended = False
@@ -33,11 +42,11 @@ class Tunnel:
         self.upstream_ended = True
         return self._pass_eof(self.client.transport)
 
-    def _pass_eof(self, to) -> bool:
+    def _pass_eof(self, to: asyncio.Transport | None) -> bool:
         if self.client_ended and self.upstream_ended:
             self.close()
             return False
-        if to.is_closing() or not to.can_write_eof():
+        if to is None or to.is_closing() or not to.can_write_eof():
             self.close()
             return False
         to.write_eof()
@@ -46,15 +55,12 @@ class Tunnel:
     def client_lost(self) -> None:
         up = self.upstream
         up.client = None
+        up.tunnel = None
         up.tunnel_peer = None
         up.close()
 
     def upstream_lost(self) -> None:
-        client = self.client
-        client.tunnel_peer = None
-        if not client.closed:
-            client.closing = True
-            client.transport.close()
+        self.client.tunnel_lost()
 
     def close(self) -> None:
         self.upstream.close()

@@ -1,8 +1,9 @@
 """Upstream: connections to sandbox backends and the keep-alive pools that hold them.
 
 An `UpstreamConnection` is an asyncio Protocol that parses the backend's responses with llhttp and
-hands each event to the client connection it is bound to; after a 101 it becomes one half of a raw
-byte tunnel. `UpstreamPool` keeps idle keep-alive connections for one (sandbox, address, port):
+hands each event to the ResponseDestination it is bound to (proxy/destination.py: an HTTP/1.1
+exchange today; nothing here knows what kind); after a 101 it becomes one half of a raw byte
+tunnel. `UpstreamPool` keeps idle keep-alive connections for one (sandbox, address, port):
 pools are never shared across sandboxes, so an address reused by the next sandbox can never be
 handed the previous one's connection. `UpstreamPools` finds pools and closes every connection of a
 sandbox the registry removed.
@@ -24,7 +25,8 @@ from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
 
 if TYPE_CHECKING:
-    from proxy.edge import ClientConnection
+    from proxy.destination import ResponseDestination
+    from proxy.tunnel import Tunnel
 
 log = logging.getLogger("sandbox_proxy.upstream")
 
@@ -66,7 +68,7 @@ class UnsolicitedResponse(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "parser", "client", "tunnel_peer", "status_reason",
+    __slots__ = ("pool", "transport", "parser", "client", "tunnel", "tunnel_peer", "status_reason",
                  "headers", "trailers", "deadline", "reused", "responded", "closed",
                  "reading_paused", "head_seen", "tunnel_out", "quiet_bytes",
                  "body_left", "feeding", "parked")
@@ -75,7 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
-        self.client: ClientConnection | None = None  # bound while serving one exchange
+        self.client: ResponseDestination | None = None  # bound while serving one response
+        self.tunnel: Tunnel | None = None  # after a 101
         self.tunnel_peer: asyncio.Transport | None = None  # the client's, after a 101
         self.status_reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -147,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.client.upstream_lost(self)
             self.close()
         finally:
-            client.flush_out()  # one write for everything this read produced
+            client.flush()  # one write for everything this read produced
             self.end_read()
 
     def end_read(self) -> None:
@@ -157,17 +160,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.release(self)
 
     def eof_received(self) -> bool | None:
-        if self.tunnel_peer is not None and self.client is not None:
-            return self.client.tunnel_eof_from_upstream()
+        if self.tunnel is not None:
+            return self.tunnel.upstream_eof()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         self.pool.pools.sweeper.watched.discard(self)
-        if self.client is not None:
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+        elif self.client is not None:
             self.client.upstream_lost(self)
-            self.client = None
+        self.client = self.tunnel = None
         self.parser = self.tunnel_peer = None  # break the parser <-> protocol cycle
 
     def pause_writing(self) -> None:
@@ -213,7 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.body_left -= len(body)
         self.client.response_body(body)
 
-    def relay_body(self, client: "ClientConnection", data: bytes) -> None:
+    def relay_body(self, client: ResponseDestination, data: bytes) -> None:
         """Content-Length body bytes after the first read: no llhttp, no copy. The parser,
         which still expects them, is replaced when the body ends."""
         left = self.body_left
@@ -231,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
                             self.pool.sandbox_id)
                 self.close()  # before the exchange ends: it must not go back to the pool
             client.response_complete(self)
-        client.flush_out()  # type: ignore[union-attr]
+        client.flush()
 
     def on_message_complete(self) -> None:
         if self.client is not None:
