@@ -34,7 +34,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy import errors
 from proxy.admission import route_request
 from proxy.context import EdgeContext
-from proxy.exchange import Exchange, ResponseState
+from proxy.exchange import RECEIVED, SENT, Exchange, WAITING
 from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, peer_closed, reset
 from proxy.tunnel import Tunnel
 from proxy.upstream import UpstreamConnection
@@ -50,6 +50,10 @@ class Deadline(enum.Enum):
     IDLE = 2    # a kept-alive connection may stay idle until then
     LINGER = 3  # the lingering close is over
     PROBE = 4   # reading is paused by a full backend: check the client is still there
+
+
+# Module-level names for the members: global lookups are cheaper than enum attributes (3.11).
+NO_DEADLINE, HEADER_DUE, IDLE_DUE, LINGER_DUE, PROBE_DUE = Deadline
 
 
 class ClientConnection(asyncio.Protocol):
@@ -95,7 +99,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.closed = False
         self.deadline = 0.0
-        self.deadline_kind = Deadline.NONE
+        self.deadline_kind = NO_DEADLINE
         self.tunnel: Tunnel | None = None
         self.tunnel_peer: asyncio.Transport | None = None
         self.tunnel_in = 0  # bytes relayed to the backend after a 101
@@ -111,7 +115,7 @@ class ClientConnection(asyncio.Protocol):
             ip = peer[0] if isinstance(peer, tuple) else "-"
         self.client_ip = ip.encode()
         self.trusted = ctx.is_trusted(ip)
-        self.set_deadline(Deadline.HEADER, ctx.client_header_timeout)
+        self.set_deadline(HEADER_DUE, ctx.client_header_timeout)
         ctx.sweeper.watched.add(self)
         ctx.connections.add(self)
         ctx.stats.connections_opened += 1
@@ -125,7 +129,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             return self.tunnel.client_eof()
         ex = self.active
-        if ex is not None and ex.request_done and ex.response != ResponseState.DONE:
+        if ex is not None and ex.request == RECEIVED and ex.response != SENT:
             ex.close_after = True  # a half-closed client still reads the answer
             return True
         return False  # idle, or a request that can never be completed now: close
@@ -167,8 +171,9 @@ class ClientConnection(asyncio.Protocol):
     # -- the modes ----------------------------------------------------------------------------
     def feed_parser(self, data: bytes) -> None:
         if self.in_head:
-            if not self.head_bytes:
-                self.set_deadline(Deadline.HEADER, self.ctx.client_header_timeout)
+            if not self.head_bytes:  # set_deadline, inlined: once per request
+                self.deadline_kind = HEADER_DUE
+                self.deadline = self.loop.time() + self.ctx.client_header_timeout
             self.head_bytes += len(data)
         self.quiet_bytes += len(data)
         self.feeding = True
@@ -292,7 +297,8 @@ class ClientConnection(asyncio.Protocol):
         assert parser is not None
         self.in_head = False
         self.head_bytes = self.quiet_bytes = 0
-        self.clear_deadline()
+        self.deadline_kind = NO_DEADLINE  # clear_deadline, inlined: once per request
+        self.deadline = 0.0
         ex.head_complete()
         ex.started = monotonic()
         ex.method = parser.get_method()
@@ -356,8 +362,9 @@ class ClientConnection(asyncio.Protocol):
         elif self.pending_error is not None:
             error, self.pending_error = self.pending_error, None
             Exchange(self).answer(error)  # a BadRequest: it closes
-        elif self.in_head and not self.head_bytes:
-            self.set_deadline(Deadline.IDLE, self.ctx.client_idle_timeout)
+        elif self.in_head and not self.head_bytes:  # set_deadline, inlined: once per request
+            self.deadline_kind = IDLE_DUE
+            self.deadline = self.loop.time() + self.ctx.client_idle_timeout
 
     def flush_out(self) -> None:
         out = self.out
@@ -385,7 +392,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write_eof()
             else:
                 self.transport.close()
-        self.set_deadline(Deadline.LINGER, LINGER_SECONDS)
+        self.set_deadline(LINGER_DUE, LINGER_SECONDS)
 
     def abort_response(self, hard: bool) -> None:
         self.closing = True
@@ -399,12 +406,12 @@ class ClientConnection(asyncio.Protocol):
         """The backend's send buffer is full: stop reading the client, and check from time to
         time that the client is still there (a paused socket is not watched)."""
         self.gate.pause(PEER_FULL)
-        if self.deadline_kind == Deadline.NONE:
-            self.set_deadline(Deadline.PROBE, PROBE_SECONDS)
+        if self.deadline_kind == NO_DEADLINE:
+            self.set_deadline(PROBE_DUE, PROBE_SECONDS)
 
     def upstream_drained(self) -> None:
         self.gate.resume(PEER_FULL)
-        if self.deadline_kind == Deadline.PROBE:
+        if self.deadline_kind == PROBE_DUE:
             self.clear_deadline()
 
     def start_tunnel(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None:
@@ -435,7 +442,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_error = None
         error.__traceback__ = error.__context__ = None
         ex = self.active
-        if ex is not None and ex.request_done and self.parsing is not ex:
+        if ex is not None and ex.request == RECEIVED and self.parsing is not ex:
             # The bad bytes follow complete requests: serve those, then answer this (or, after
             # a Connection: close request, just close).
             if self.parsing is not None and self.queued and self.queued[-1] is self.parsing:
@@ -445,7 +452,7 @@ class ClientConnection(asyncio.Protocol):
             self.feed = self.feed_nothing
             self.gate.pause(WAITING_TURN)
             return
-        if ex is not None and ex.responding:
+        if ex is not None and ex.response != WAITING:
             ex.outcome = "client_malformed"
             reset(self.transport)  # mid-response: nothing sane can follow
             return
@@ -464,24 +471,24 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + seconds
 
     def clear_deadline(self) -> None:
-        self.deadline_kind = Deadline.NONE
+        self.deadline_kind = NO_DEADLINE
         self.deadline = 0.0
 
     def on_deadline(self) -> None:
-        kind, self.deadline_kind = self.deadline_kind, Deadline.NONE
-        if kind == Deadline.PROBE:
+        kind, self.deadline_kind = self.deadline_kind, NO_DEADLINE
+        if kind == PROBE_DUE:
             if not self.gate.reasons & PEER_FULL:
                 return
             ex = self.active
-            mid_request = self.tunnel is None and ex is not None and not ex.request_done
+            mid_request = self.tunnel is None and ex is not None and ex.request != RECEIVED
             if peer_closed(self.transport, half_close_counts=mid_request):
                 self.transport.abort()  # connection_lost releases the backend connection
             else:
-                self.set_deadline(Deadline.PROBE, PROBE_SECONDS)
-        elif kind == Deadline.LINGER or kind == Deadline.IDLE:
+                self.set_deadline(PROBE_DUE, PROBE_SECONDS)
+        elif kind == LINGER_DUE or kind == IDLE_DUE:
             self.closing = True
             self.transport.close()  # linger over, or idle keep-alive
-        elif kind == Deadline.HEADER:
+        elif kind == HEADER_DUE:
             if self.active is None and not self.head_bytes:
                 self.closing = True
                 self.transport.close()  # a new connection that never sent a byte
