@@ -32,7 +32,7 @@ log = logging.getLogger("sandbox_proxy.activity")
 
 
 class ActivityReporter:
-    def __init__(self, ctx: "EdgeContext", config: "ActivityConfig", registry: Any):
+    def __init__(self, ctx: EdgeContext, config: ActivityConfig, registry: Any):
         self.ctx = ctx
         self.config = config
         self.registry = registry
@@ -75,7 +75,8 @@ class ActivityReporter:
         batch = dict(self.pending)
         try:
             if self.config.redis:
-                await self.registry.write_activity(batch, ttl=max(60, int(self.config.interval * 4)))
+                ttl = max(60, int(self.config.interval * 4))
+                await self.registry.write_activity(batch, ttl=ttl)
             else:
                 await self.post(batch)
         except Exception as exc:  # retried with the next report, merged

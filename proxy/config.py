@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from proxy.host import normalize_domain
 from proxy.share import MIN_KEY_BYTES as MIN_SHARE_KEY_BYTES
@@ -228,7 +229,8 @@ class _Section:
             raise self.fail(key, problem)
         return value
 
-    def number(self, key: str, default: float, minimum: float = 0.0, allow_zero: bool = False) -> float:
+    def number(self, key: str, default: float, minimum: float = 0.0,
+               allow_zero: bool = False) -> float:
         def check(v: float) -> str | None:
             if v < minimum or (v == 0 and not allow_zero):
                 return f"must be {'>=' if allow_zero else '>'} {minimum}, got {v}"
@@ -262,7 +264,8 @@ class _Section:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 

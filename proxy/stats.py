@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import resource
 from bisect import bisect_left
-from typing import Iterable
+from collections.abc import Iterable
 
 # Bucket upper bounds (seconds), Prometheus `le` semantics.
 RESPONSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

@@ -4,8 +4,9 @@ or Kubernetes DNS can be the registry.
 A look-up asks the configured nameservers for A, AAAA and TXT of the name at once (dnspython's
 asyncio resolver; no search list, no system resolver). The first A address is the backend (else
 the first AAAA); the address records alone say whether the sandbox exists, so an NXDOMAIN for
-the TXT (or AAAA) query beside an A answer, as dnsmasq's `--address` gives, means no settings. An optional TXT record on the same name carries per-sandbox settings as
-`key=value` strings, validated like every other record (proxy/registry/record.py):
+the TXT (or AAAA) query beside an A answer, as dnsmasq's `--address` gives, means no settings.
+An optional TXT record on the same name carries per-sandbox settings as `key=value` strings,
+validated like every other record (proxy/registry/record.py):
 
     mask=localhost:${PORT}      -> mask_request_host
     token-sha256=<64 hex>       -> traffic_access_token_sha256

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from proxy.host import SANDBOX_ID_CHARS
 
@@ -87,7 +88,7 @@ class SandboxRecord:
             value = masks[port] = mask.replace("${PORT}", str(port)).encode("latin-1")
         return value
 
-    def same_backend(self, other: "SandboxRecord") -> bool:
+    def same_backend(self, other: SandboxRecord) -> bool:
         """True when `other` routes to the same addresses (connections to it may stay open)."""
         return self.host == other.host and self.ports == other.ports
 

@@ -19,9 +19,9 @@ Subclasses implement `_fetch` (ask the store) and decide when caching is trustwo
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 import logging
 import math
+from time import monotonic
 
 from proxy.registry import RemovalListener
 from proxy.registry.record import SandboxRecord

@@ -32,9 +32,9 @@ unchanged: the edge answers 409 "The sandbox is paused" (`canAutoResume: false`)
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 import inspect
 import logging
+from time import monotonic
 
 import aiohttp
 
