@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from proxy.host import normalize_domain
 from proxy.share import MIN_KEY_BYTES as MIN_SHARE_KEY_BYTES
@@ -245,7 +245,16 @@ class _Section:
             return None
         return self.get(key, default, int, check)
 
-    def listen(self, key: str, default: ListenAddress | None, allow_empty: bool = False) -> ListenAddress | None:
+    # With a default and no allow_empty the answer is always an address (ServerConfig.listen).
+    @overload
+    def listen(self, key: str, default: ListenAddress,
+               allow_empty: Literal[False] = False) -> ListenAddress: ...
+    @overload
+    def listen(self, key: str, default: ListenAddress | None,
+               allow_empty: bool = False) -> ListenAddress | None: ...
+
+    def listen(self, key: str, default: ListenAddress | None,
+               allow_empty: bool = False) -> ListenAddress | None:
         text = self.get(key, None, str)
         if text is None:
             return default
