@@ -23,27 +23,37 @@ The edge depends only on the `Registry` protocol below:
   /readyz only with `[metrics] ready_requires_registry = true`).
 - admin writes (`put`, `delete`) go to the kind's own store; a read-only kind has
   `writable = False` and the admin API answers 405.
+- `len(registry)`: the records it holds in memory (a remote kind: its cache), for the
+  `sandboxes` gauge and `--check`.
+
+Optional parts, each a protocol of its own that callers test for with isinstance: `Resumable`
+(the auto-resume wrapper), and the counters the metrics read (`ReloadCounters` of the static
+kind, `StoreCounters` of the remote kinds, `ResumeCounters` of the auto-resume wrapper).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from proxy.config import ProxyConfig
 from proxy.registry.record import SandboxRecord
 
+if TYPE_CHECKING:
+    from proxy.stats import Histogram
+
 RemovalListener = Callable[[Iterable[str]], None]
+LookupResult = SandboxRecord | Awaitable[SandboxRecord | None] | None
 
 
 class Registry(Protocol):
     kind: str
     writable: bool
 
-    def lookup(self, sandbox_id: str, port: int = 0,
-               ) -> SandboxRecord | Awaitable[SandboxRecord | None] | None: ...
+    def lookup(self, sandbox_id: str, port: int = 0) -> LookupResult: ...
     def add_removal_listener(self, listener: RemovalListener) -> None: ...
     def ready(self) -> bool: ...
+    def __len__(self) -> int: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     # admin API
@@ -52,6 +62,41 @@ class Registry(Protocol):
                    ) -> tuple[list[SandboxRecord], str | None]: ...
     async def put(self, record: SandboxRecord) -> None: ...
     async def delete(self, sandbox_id: str) -> bool: ...
+
+
+@runtime_checkable
+class Resumable(Registry, Protocol):
+    """A registry that wakes paused sandboxes (proxy/registry/resume.py): resolves to the
+    running record, or None when the control plane says the sandbox is gone."""
+
+    def resume(self, sandbox_id: str, port: int,
+               state: str = "paused") -> Awaitable[SandboxRecord | None]: ...
+
+
+@runtime_checkable
+class ReloadCounters(Protocol):
+    """A file-backed registry counts its own reloads (the edge cannot see them)."""
+
+    reloads_ok: int
+    reloads_failed: int
+    last_reload_ok: float | None  # unix time
+
+
+@runtime_checkable
+class StoreCounters(Protocol):
+    """A remote registry counts the look-ups that went to its store (cache misses)."""
+
+    kind: str
+    lookup_outcomes: dict[str, int]
+    lookup_duration: Histogram
+
+
+@runtime_checkable
+class ResumeCounters(Protocol):
+    """The auto-resume wrapper counts resume attempts by outcome and their durations."""
+
+    resumes: dict[str, int]
+    resume_duration: Histogram
 
 
 def open_registry(config: ProxyConfig) -> Registry:
@@ -82,4 +127,5 @@ def open_registry(config: ProxyConfig) -> Registry:
     return registry
 
 
-__all__ = ["Registry", "RemovalListener", "SandboxRecord", "open_registry"]
+__all__ = ["LookupResult", "Registry", "ReloadCounters", "RemovalListener", "Resumable",
+           "ResumeCounters", "SandboxRecord", "StoreCounters", "open_registry"]
