@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 
 from proxy.config import RegistryConfig
 from proxy.registry.record import SandboxRecord, record_from_mapping
@@ -49,6 +52,8 @@ SWEEP_EVERY = 0.5        # seconds between checks for expired entries
 REFRESHES_PER_SWEEP = 256
 TXT_KEYS = {"mask": "mask_request_host", "token-sha256": "traffic_access_token_sha256",
             "ports": "ports", "state": "state", "auto-resume": "auto_resume"}
+# What one query gives: the answer (perhaps without data), or the NXDOMAIN it raised.
+Answer = dns.resolver.Answer | dns.resolver.NXDOMAIN
 
 
 class DnsRegistry(RemoteRegistry):
@@ -99,26 +104,33 @@ class DnsRegistry(RemoteRegistry):
 
     # -- one look-up -------------------------------------------------------------------------
 
-    async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
+    def _started(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
             raise RegistryUnreachable("dns registry not started yet")
+        return self._resolver
+
+    async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
+        self._started()  # RegistryUnreachable before start()
         if len(sandbox_id) > 63:
             return None, 0.0  # cannot be a DNS label, so no such name
         qname = dns.name.Name((sandbox_id.encode("ascii"),)).concatenate(self.zone)
         answers = await asyncio.gather(*(self._query(qname, t) for t in ("A", "AAAA", "TXT")),
                                        return_exceptions=True)
+        found: list[Answer] = []
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, dns.resolver.NXDOMAIN):
                 raise RegistryUnreachable(f"dns registry: {type(answer).__name__}: {answer}")
+            found.append(answer)
         # The address records alone decide whether the sandbox exists: a server may answer a
         # name's A record and NXDOMAIN for its other types (dnsmasq's --address does), which
         # then only means "no TXT settings".
-        a, aaaa, txt = answers
-        address = next((rdata.address for answer in (a, aaaa) if _rrset(answer) is not None
-                        for rdata in _rrset(answer)), None)
+        a, aaaa, txt = found
+        address = next((rdata.address for answer in (a, aaaa)
+                        if (rrset := _rrset(answer)) is not None for rdata in rrset), None)
         if address is None:
             return None, self._negative_ttl(_responses(a, aaaa))
-        ttls = [rrset.ttl for answer in (a, aaaa, txt) if (rrset := _rrset(answer)) is not None]
+        ttls: list[float] = [rrset.ttl for answer in (a, aaaa, txt)
+                             if (rrset := _rrset(answer)) is not None]
         txt_rrset = _rrset(txt)
         if txt_rrset is None and (negative := self._negative_ttl(_responses(txt))) > 0:
             ttls.append(negative)  # a TXT added later is seen within its negative TTL
@@ -130,10 +142,10 @@ class DnsRegistry(RemoteRegistry):
             raise InvalidRecord(str(exc), ttl) from None
 
     async def _query(self, qname: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
-        return await self._resolver.resolve(qname, rdtype, search=False,
-                                            raise_on_no_answer=False)
+        return await self._started().resolve(qname, rdtype, search=False,
+                                             raise_on_no_answer=False)
 
-    def _negative_ttl(self, responses) -> float:
+    def _negative_ttl(self, responses: list[dns.message.Message]) -> float:
         """RFC 2308: min(SOA TTL, SOA minimum) from the authority section, capped; 0 (do not
         cache) when the answer carries no SOA."""
         for response in responses:
@@ -161,8 +173,8 @@ class DnsRegistry(RemoteRegistry):
     async def _probe(self) -> None:
         """While unhealthy: any answer from the nameservers (even NXDOMAIN) makes us ready."""
         try:
-            await self._resolver.resolve(self.zone, "SOA", search=False,
-                                         raise_on_no_answer=False)
+            await self._started().resolve(self.zone, "SOA", search=False,
+                                          raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             pass
         except (dns.exception.DNSException, OSError):
@@ -170,12 +182,12 @@ class DnsRegistry(RemoteRegistry):
         self._fetch_succeeded()
 
 
-def _rrset(answer):
+def _rrset(answer: Answer) -> dns.rrset.RRset | None:
     """The record set of an answer; None for no data and for NXDOMAIN."""
     return None if isinstance(answer, dns.resolver.NXDOMAIN) else answer.rrset
 
 
-def _responses(*answers) -> list:
+def _responses(*answers: Answer) -> list[dns.message.Message]:
     """The DNS messages behind answers and NXDOMAINs (for their SOA)."""
     out = []
     for answer in answers:
@@ -186,9 +198,9 @@ def _responses(*answers) -> list:
     return out
 
 
-def txt_settings(rrset) -> dict:
+def txt_settings(rrset: dns.rrset.RRset) -> dict[str, Any]:
     """The record keys carried by TXT strings `key=value`; ValueError-free (validation later)."""
-    settings: dict = {}
+    settings: dict[str, Any] = {}
     for rdata in rrset:
         for raw in rdata.strings:
             text = raw.decode("utf-8", "replace")
@@ -212,7 +224,7 @@ def txt_settings(rrset) -> dict:
     return settings
 
 
-def _add_ingress_rule(settings: dict, port: str, value: str) -> None:
+def _add_ingress_rule(settings: dict[str, Any], port: str, value: str) -> None:
     """`allowed-clients=<cidr>,<cidr>` (every port) or `allowed-clients:<port>=...`."""
     rules = settings.setdefault("allowed_clients", {})
     if isinstance(rules, dict):
@@ -220,8 +232,8 @@ def _add_ingress_rule(settings: dict, port: str, value: str) -> None:
             filter(None, (v.strip() for v in value.replace(" ", ",").split(","))))
 
 
-def _port_map(value: str) -> dict | str:
-    ports: dict = {}
+def _port_map(value: str) -> dict[str, int] | str:
+    ports: dict[str, int] = {}
     for pair in filter(None, (p.strip() for p in value.replace(" ", ",").split(","))):
         sandbox_port, sep, backend_port = pair.partition(":")
         if not sep or not backend_port.isdigit():

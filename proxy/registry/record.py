@@ -230,16 +230,18 @@ def _blocked_paths(value: Any) -> dict[int, tuple[str, ...]]:
 def _networks(value: Any, where: str) -> tuple[Network, ...]:
     if not isinstance(value, list):
         raise ValueError(f"{where}: must be a list of CIDRs or addresses")
-    networks = []
+    networks: list[Network] = []
     for item in value:
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str)
-                            else None)
-        except ValueError:
-            networks.append(None)
-        if networks[-1] is None:
+        network = None
+        if isinstance(item, str):
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                pass
+        if network is None:
             raise ValueError(f"{where}: {item!r} is not a CIDR or an IP address")
-    return tuple(networks)  # type: ignore[arg-type]
+        networks.append(network)
+    return tuple(networks)
 
 
 def _ingress_rules(value: Any) -> dict[int, tuple[Network, ...]]:
