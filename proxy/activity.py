@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import aiohttp
 
@@ -34,7 +34,6 @@ log = logging.getLogger("sandbox_proxy.activity")
 Report = dict[str, dict[str, int]]  # sandbox id -> {"lastActive": ..., "openStreams": ...}
 
 
-@runtime_checkable
 class ActivityStore(Protocol):
     """A registry that keeps the reports itself (`[activity] redis`: the Redis kind)."""
 
@@ -128,7 +127,12 @@ class ActivityReporter:
                 self.session = None
 
 
+def _keeps_activity(registry: Registry) -> TypeGuard[ActivityStore]:
+    # hasattr: the auto-resume wrapper forwards write_activity through __getattr__
+    return hasattr(registry, "write_activity")
+
+
 def _activity_store(registry: Registry) -> ActivityStore:
-    if not isinstance(registry, ActivityStore):  # config.py allows [activity] redis with it only
+    if not _keeps_activity(registry):  # config.py allows [activity] redis with it only
         raise TypeError(f"the {registry.kind} registry cannot keep activity reports")
     return registry

@@ -41,9 +41,9 @@ from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
 from proxy.registry import (
     Registry,
-    ReloadCounters,
-    ResumeCounters,
-    StoreCounters,
+    counts_reloads,
+    counts_resumes,
+    counts_store_lookups,
     open_registry,
 )
 from proxy.stats import Snapshot, Stats, merge, process_usage
@@ -219,21 +219,21 @@ class Worker:
         snap["process"] = process_usage()
         snap["access_log_dropped"] = self.ctx.access_log.dropped
         registry = self.registry  # a file-backed registry counts its own reloads
-        if isinstance(registry, ReloadCounters):
+        if counts_reloads(registry):
             snap["reloads"] += [["registry", "ok", registry.reloads_ok],
                                 ["registry", "error", registry.reloads_failed]]
             if registry.last_reload_ok:
                 snap["last_reload_success"]["registry"] = registry.last_reload_ok
         # A remote registry counts the look-ups that went to its store (cache misses); the edge
         # counted those answered from memory. Each look-up is counted once.
-        if isinstance(registry, StoreCounters) and registry.lookup_outcomes:
+        if counts_store_lookups(registry) and registry.lookup_outcomes:
             counted = {(k, o): n for k, o, n in snap["lookups"]}
             for outcome, n in registry.lookup_outcomes.items():
                 key = (registry.kind, outcome)
                 counted[key] = counted.get(key, 0) + n
             snap["lookups"] = [[*k, n] for k, n in counted.items()]
             snap["lookup_duration"] = registry.lookup_duration.snapshot()
-        if isinstance(registry, ResumeCounters):
+        if counts_resumes(registry):
             snap["resumes"] = dict(registry.resumes)
             snap["resume_duration"] = registry.resume_duration.snapshot()
         return snap

@@ -26,15 +26,17 @@ The edge depends only on the `Registry` protocol below:
 - `len(registry)`: the records it holds in memory (a remote kind: its cache), for the
   `sandboxes` gauge and `--check`.
 
-Optional parts, each a protocol of its own that callers test for with isinstance: `Resumable`
-(the auto-resume wrapper), and the counters the metrics read (`ReloadCounters` of the static
-kind, `StoreCounters` of the remote kinds, `ResumeCounters` of the auto-resume wrapper).
+Optional parts, each a protocol of its own with a test beside it: `Resumable` (`can_resume`: the
+auto-resume wrapper), and the counters the metrics read (`ReloadCounters` of the static kind,
+`StoreCounters` of the remote kinds, `ResumeCounters` of the auto-resume wrapper). The tests look
+for an attribute (hasattr), not isinstance: the auto-resume wrapper hands out its inner kind's
+attributes through __getattr__, which isinstance against a protocol ignores from Python 3.12.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 from proxy.config import ProxyConfig
 from proxy.registry.record import SandboxRecord
@@ -64,7 +66,6 @@ class Registry(Protocol):
     async def delete(self, sandbox_id: str) -> bool: ...
 
 
-@runtime_checkable
 class Resumable(Registry, Protocol):
     """A registry that wakes paused sandboxes (proxy/registry/resume.py): resolves to the
     running record, or None when the control plane says the sandbox is gone."""
@@ -73,7 +74,10 @@ class Resumable(Registry, Protocol):
                state: str = "paused") -> Awaitable[SandboxRecord | None]: ...
 
 
-@runtime_checkable
+def can_resume(registry: Registry) -> TypeGuard[Resumable]:
+    return hasattr(registry, "resume")
+
+
 class ReloadCounters(Protocol):
     """A file-backed registry counts its own reloads (the edge cannot see them)."""
 
@@ -82,7 +86,10 @@ class ReloadCounters(Protocol):
     last_reload_ok: float | None  # unix time
 
 
-@runtime_checkable
+def counts_reloads(registry: Registry) -> TypeGuard[ReloadCounters]:
+    return hasattr(registry, "reloads_ok")
+
+
 class StoreCounters(Protocol):
     """A remote registry counts the look-ups that went to its store (cache misses)."""
 
@@ -91,12 +98,19 @@ class StoreCounters(Protocol):
     lookup_duration: Histogram
 
 
-@runtime_checkable
+def counts_store_lookups(registry: Registry) -> TypeGuard[StoreCounters]:
+    return hasattr(registry, "lookup_outcomes")
+
+
 class ResumeCounters(Protocol):
     """The auto-resume wrapper counts resume attempts by outcome and their durations."""
 
     resumes: dict[str, int]
     resume_duration: Histogram
+
+
+def counts_resumes(registry: Registry) -> TypeGuard[ResumeCounters]:
+    return hasattr(registry, "resumes")
 
 
 def open_registry(config: ProxyConfig) -> Registry:
@@ -128,4 +142,5 @@ def open_registry(config: ProxyConfig) -> Registry:
 
 
 __all__ = ["LookupResult", "Registry", "ReloadCounters", "RemovalListener", "Resumable",
-           "ResumeCounters", "SandboxRecord", "StoreCounters", "open_registry"]
+           "ResumeCounters", "SandboxRecord", "StoreCounters", "can_resume", "counts_reloads",
+           "counts_resumes", "counts_store_lookups", "open_registry"]
