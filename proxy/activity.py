@@ -20,29 +20,38 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import aiohttp
 
 if TYPE_CHECKING:
     from proxy.config import ActivityConfig
     from proxy.context import EdgeContext
+    from proxy.registry import Registry
 
 log = logging.getLogger("sandbox_proxy.activity")
 
+Report = dict[str, dict[str, int]]  # sandbox id -> {"lastActive": ..., "openStreams": ...}
+
+
+class ActivityStore(Protocol):
+    """A registry that keeps the reports itself (`[activity] redis`: the Redis kind)."""
+
+    async def write_activity(self, report: Report, ttl: int) -> None: ...
+
 
 class ActivityReporter:
-    def __init__(self, ctx: "EdgeContext", config: "ActivityConfig", registry: Any):
+    def __init__(self, ctx: EdgeContext, config: ActivityConfig, registry: Registry):
         self.ctx = ctx
         self.config = config
         self.registry = registry
         self.seen: dict[str, float] = {}  # sandbox id -> loop time of its last forwarded request
-        self.pending: dict[str, dict[str, int]] = {}  # collected, not yet delivered
+        self.pending: Report = {}  # collected, not yet delivered
         self.session: aiohttp.ClientSession | None = None
         self.failures = 0
         ctx.activity_seen = self.seen
 
-    def collect(self) -> dict[str, dict[str, int]]:
+    def collect(self) -> Report:
         """What happened since the last call, as report entries."""
         loop_now = self.ctx.loop.time()
         now = time.time()
@@ -61,7 +70,7 @@ class ActivityReporter:
             report[sandbox_id] = {"lastActive": int(now), "openStreams": count}
         return report
 
-    def merge(self, report: dict[str, dict[str, int]]) -> None:
+    def merge(self, report: Report) -> None:
         for sandbox_id, entry in report.items():
             old = self.pending.get(sandbox_id)
             if old is not None and old["lastActive"] > entry["lastActive"]:
@@ -75,7 +84,8 @@ class ActivityReporter:
         batch = dict(self.pending)
         try:
             if self.config.redis:
-                await self.registry.write_activity(batch, ttl=max(60, int(self.config.interval * 4)))
+                ttl = max(60, int(self.config.interval * 4))
+                await _activity_store(self.registry).write_activity(batch, ttl=ttl)
             else:
                 await self.post(batch)
         except Exception as exc:  # retried with the next report, merged
@@ -89,11 +99,14 @@ class ActivityReporter:
             if self.pending.get(sandbox_id) is entry:
                 del self.pending[sandbox_id]
 
-    async def post(self, batch: dict[str, dict[str, int]]) -> None:
+    async def post(self, batch: Report) -> None:
+        url = self.config.url
+        if url is None:  # the reporter runs with [activity] url or redis set
+            raise RuntimeError("no [activity] url to post to")
         if self.session is None:
             self.session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=max(1.0, min(10.0, self.config.interval)))
-        async with self.session.post(self.config.url, data=json.dumps({"sandboxes": batch}),
+        async with self.session.post(url, data=json.dumps({"sandboxes": batch}),
                                      headers={"Content-Type": "application/json"},
                                      timeout=timeout, allow_redirects=False) as response:
             await response.read()
@@ -112,3 +125,14 @@ class ActivityReporter:
             if self.session is not None:
                 await self.session.close()
                 self.session = None
+
+
+def _keeps_activity(registry: Registry) -> TypeGuard[ActivityStore]:
+    # hasattr: the auto-resume wrapper forwards write_activity through __getattr__
+    return hasattr(registry, "write_activity")
+
+
+def _activity_store(registry: Registry) -> ActivityStore:
+    if not _keeps_activity(registry):  # config.py allows [activity] redis with it only
+        raise TypeError(f"the {registry.kind} registry cannot keep activity reports")
+    return registry

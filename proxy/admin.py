@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -37,28 +38,32 @@ from proxy.config import ProxyConfig
 from proxy.registry import Registry
 from proxy.registry.record import RECORD_KEYS, SandboxRecord, record_from_mapping
 
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler
+
 log = logging.getLogger("sandbox_proxy.admin")
 
 OPENAPI_PATH = Path(__file__).with_name("admin_openapi.json")
 MAX_BODY = 64 * 1024
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-REGISTRY_KEY = web.AppKey("registry", object)
+# A protocol and a union are not classes to pass as AppKey's second argument: subscript instead.
+REGISTRY_KEY = web.AppKey[Registry]("registry")
 TOKEN_KEY = web.AppKey("token", bytes)
-CONFIG_KEY = web.AppKey("config", object)
+CONFIG_KEY = web.AppKey[ProxyConfig | None]("config")  # None: share links off
 
 
-def problem(status: int, message: str, field: str | None = None, **extra) -> web.Response:
+def problem(status: int, message: str, field: str | None = None, **extra: Any) -> web.Response:
     body = {"error": message, **({"field": field} if field else {}), **extra}
     return web.json_response(body, status=status)
 
 
-def record_view(record: SandboxRecord) -> dict:
+def record_view(record: SandboxRecord) -> dict[str, Any]:
     return {"id": record.sandbox_id, **record.to_mapping()}
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler):
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """aiohttp's own error answers (no such path: 404, no such method: 405 with Allow) in the
     documented Error shape instead of plain text."""
     try:
@@ -79,7 +84,7 @@ async def json_errors(request: web.Request, handler):
 
 
 @web.middleware
-async def require_token(request: web.Request, handler):
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == "/openapi.json" and request.method in ("GET", "HEAD"):
         return await handler(request)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -92,7 +97,7 @@ async def require_token(request: web.Request, handler):
 
 
 @web.middleware
-async def store_errors(request: web.Request, handler):
+async def store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException:
@@ -188,9 +193,9 @@ def _read_only(registry: Registry) -> web.Response:
 async def create_share(request: web.Request) -> web.Response:
     sandbox_id = _sandbox_id(request)
     config = request.app[CONFIG_KEY]
-    key = config.access.share_key if config is not None else ""
-    if not key:
+    if config is None or not config.access.share_key:
         return problem(409, "share links are off: set [access] share_key")
+    key = config.access.share_key
     try:
         body = await request.json(loads=json.loads)
     except ValueError as exc:

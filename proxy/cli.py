@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         diagnostic_log.apply(config.log)
         if args.check:
             registry = open_registry(config)
-            print(f"ok: {len(registry)} sandboxes")  # type: ignore[arg-type]
+            print(f"ok: {len(registry)} sandboxes")
             return 0
         return run(config)
     except ConfigError as exc:

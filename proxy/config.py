@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Literal, overload
 
 from proxy.host import normalize_domain
 from proxy.share import MIN_KEY_BYTES as MIN_SHARE_KEY_BYTES
@@ -231,7 +232,8 @@ class _Section:
             raise self.fail(key, problem)
         return value
 
-    def number(self, key: str, default: float, minimum: float = 0.0, allow_zero: bool = False) -> float:
+    def number(self, key: str, default: float, minimum: float = 0.0,
+               allow_zero: bool = False) -> float:
         def check(v: float) -> str | None:
             if v < minimum or (v == 0 and not allow_zero):
                 return f"must be {'>=' if allow_zero else '>'} {minimum}, got {v}"
@@ -246,7 +248,16 @@ class _Section:
             return None
         return self.get(key, default, int, check)
 
-    def listen(self, key: str, default: ListenAddress | None, allow_empty: bool = False) -> ListenAddress | None:
+    # With a default and no allow_empty the answer is always an address (ServerConfig.listen).
+    @overload
+    def listen(self, key: str, default: ListenAddress,
+               allow_empty: Literal[False] = False) -> ListenAddress: ...
+    @overload
+    def listen(self, key: str, default: ListenAddress | None,
+               allow_empty: bool = False) -> ListenAddress | None: ...
+
+    def listen(self, key: str, default: ListenAddress | None,
+               allow_empty: bool = False) -> ListenAddress | None:
         text = self.get(key, None, str)
         if text is None:
             return default
@@ -265,7 +276,8 @@ class _Section:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 

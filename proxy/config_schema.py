@@ -124,7 +124,8 @@ def _table(cls: type, path: str) -> dict[str, Any]:
     for f in _fields(cls):
         key = f"{path}.{f.name}"
         inner = _without_none(f.type_hint)
-        if dataclasses.is_dataclass(inner) and inner is not c.ListenAddress:  # a [sub.table]
+        if (isinstance(inner, type) and dataclasses.is_dataclass(inner)  # a [sub.table]
+                and inner is not c.ListenAddress):
             properties[f.name] = _table(inner, key)
             continue
         schema = _value(f.type_hint)

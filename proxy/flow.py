@@ -19,7 +19,7 @@ WAITING_TURN = 2     # a pipelined request is queued behind the one being served
 WAITING_UPSTREAM = 4  # request bytes are buffered until the backend connection is ready
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.WriteTransport) -> None:
     """Close with RST instead of FIN: the only way to tell a client reading a body delimited by
     the connection's end (HTTP/1.0) that the body is incomplete (SO_LINGER 0, then close)."""
     sock = transport.get_extra_info("socket")

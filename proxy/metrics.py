@@ -10,14 +10,21 @@ label ever carries a sandbox id, a host or a path.
 from __future__ import annotations
 
 import platform
-from typing import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, InfoMetricFamily)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
 from proxy import __version__
+from proxy.stats import Snapshot
 
 P = "sandbox_proxy_"
 GAUGES = {  # snapshot gauge name -> (metric name, help)
@@ -52,8 +59,9 @@ PROCESS = {  # process_usage() key -> (metric name, help)
 }
 
 
-def _histogram(name: str, doc: str, h: dict, labels: list[str] | None = None,
-               values: list[str] | None = None, family=None):
+def _histogram(name: str, doc: str, h: dict[str, Any], labels: list[str] | None = None,
+               values: list[str] | None = None,
+               family: HistogramMetricFamily | None = None) -> HistogramMetricFamily:
     family = family or HistogramMetricFamily(name, doc, labels=labels)
     cumulative, running = [], 0
     for bound, count in zip([*h["bounds"], float("inf")], h["counts"]):
@@ -66,10 +74,10 @@ def _histogram(name: str, doc: str, h: dict, labels: list[str] | None = None,
 class SnapshotCollector:
     """Renders a merged Stats snapshot as Prometheus metric families."""
 
-    def __init__(self, snapshot: Callable[[], dict]):
+    def __init__(self, snapshot: Callable[[], Snapshot]):
         self.snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
         yield InfoMetricFamily(P + "build", "Build information",
                                value={"version": __version__,
@@ -159,7 +167,7 @@ class SnapshotCollector:
                 yield gauge
 
 
-def metrics_app(snapshot: Callable[[], dict], ready: Callable[[], bool]) -> web.Application:
+def metrics_app(snapshot: Callable[[], Snapshot], ready: Callable[[], bool]) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot))
 

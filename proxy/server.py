@@ -26,6 +26,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -38,8 +39,14 @@ from proxy.config import ConfigError, ListenAddress, ProxyConfig, reload_config
 from proxy.context import EdgeContext
 from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
-from proxy.registry import Registry, open_registry
-from proxy.stats import Stats, merge, process_usage
+from proxy.registry import (
+    Registry,
+    counts_reloads,
+    counts_resumes,
+    counts_store_lookups,
+    open_registry,
+)
+from proxy.stats import Snapshot, Stats, merge, process_usage
 from proxy.timeouts import DeadlineSweeper
 from proxy.tls import CertificateStore
 from proxy.upstream import UpstreamPools
@@ -78,7 +85,8 @@ def listening_socket(address: ListenAddress, backlog: int, reuse_port: bool) -> 
     return sock
 
 
-async def start_metrics(config: ProxyConfig, snapshot, ready) -> web.AppRunner | None:
+async def start_metrics(config: ProxyConfig, snapshot: Callable[[], Snapshot],
+                        ready: Callable[[], bool]) -> web.AppRunner | None:
     if config.metrics.listen is None:
         return None
     runner = web.AppRunner(metrics_app(snapshot, ready), access_log=None)
@@ -134,9 +142,10 @@ class Worker:
         if config.activity.url is not None or config.activity.redis:
             activity = ActivityReporter(ctx, config.activity, self.registry)
             background.append(loop.create_task(activity.run()))
-        if self.certificates and config.server.tls.reload_interval > 0:
+        certificates = self.certificates  # holds config.server.tls
+        if certificates is not None and certificates.config.reload_interval > 0:
             background.append(loop.create_task(
-                self._every(config.server.tls.reload_interval, self.reload_certificates)))
+                self._every(certificates.config.reload_interval, self.reload_certificates)))
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.interrupt)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -202,7 +211,7 @@ class Worker:
             conn.transport.close()
         await asyncio.sleep(0)  # let connection_lost callbacks account for the last exchanges
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         gauges = self.ctx.gauges()
         gauges["workers"] = 1
         gauges["ready"] = int(self.ready())  # summed: the supervisor's /readyz (not exported)
@@ -210,34 +219,34 @@ class Worker:
         snap["process"] = process_usage()
         snap["access_log_dropped"] = self.ctx.access_log.dropped
         registry = self.registry  # a file-backed registry counts its own reloads
-        if hasattr(registry, "reloads_ok"):
+        if counts_reloads(registry):
             snap["reloads"] += [["registry", "ok", registry.reloads_ok],
                                 ["registry", "error", registry.reloads_failed]]
-            if getattr(registry, "last_reload_ok", None):
+            if registry.last_reload_ok:
                 snap["last_reload_success"]["registry"] = registry.last_reload_ok
         # A remote registry counts the look-ups that went to its store (cache misses); the edge
         # counted those answered from memory. Each look-up is counted once.
-        outcomes = getattr(registry, "lookup_outcomes", None)
-        if outcomes:
+        if counts_store_lookups(registry) and registry.lookup_outcomes:
             counted = {(k, o): n for k, o, n in snap["lookups"]}
-            for outcome, n in outcomes.items():
+            for outcome, n in registry.lookup_outcomes.items():
                 key = (registry.kind, outcome)
                 counted[key] = counted.get(key, 0) + n
             snap["lookups"] = [[*k, n] for k, n in counted.items()]
             snap["lookup_duration"] = registry.lookup_duration.snapshot()
-        resumes = getattr(registry, "resumes", None)
-        if resumes is not None:
-            snap["resumes"] = dict(resumes)
+        if counts_resumes(registry):
+            snap["resumes"] = dict(registry.resumes)
             snap["resume_duration"] = registry.resume_duration.snapshot()
         return snap
 
     def write_snapshot(self) -> None:
         path = self.snapshot_path
+        if path is None:  # this process serves its own metrics: no supervisor reads a file
+            return
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.snapshot()))
         os.replace(tmp, path)
 
-    async def _every(self, seconds: float, action) -> None:
+    async def _every(self, seconds: float, action: Callable[[], object]) -> None:
         while True:
             await asyncio.sleep(seconds)
             try:
@@ -246,6 +255,8 @@ class Worker:
                 log.exception("periodic task failed")
 
     def reload_certificates(self) -> None:
+        if self.certificates is None:  # no [server.tls]
+            return
         changed = self.certificates.reload_if_changed()
         if changed is not None:
             self.ctx.stats.reloaded("certificate", changed, time.time())
@@ -334,7 +345,7 @@ class Supervisor:
         self.children[pid] = path
         self.indexes[pid] = index
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         snapshots = []
         for path in self.children.values():
             try:

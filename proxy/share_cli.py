@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from proxy import share
-from proxy.config import CONFIG_PATH_ENV, ConfigError, load_config
+from proxy.config import CONFIG_PATH_ENV, ConfigError, ProxyConfig, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _share_epoch(config, sandbox_id: str) -> int | None:
+async def _share_epoch(config: ProxyConfig, sandbox_id: str) -> int | None:
     from proxy.registry import open_registry
     registry = open_registry(config)
     await registry.start()

@@ -11,7 +11,12 @@ from __future__ import annotations
 import os
 import resource
 from bisect import bisect_left
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
+
+# What Stats.snapshot gives (and merge sums): JSON, as workers hand it to the supervisor in a
+# file; proxy/metrics.py renders it.
+Snapshot = dict[str, Any]
 
 # Bucket upper bounds (seconds), Prometheus `le` semantics.
 RESPONSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -38,7 +43,7 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total}
 
 
@@ -89,7 +94,7 @@ class Stats:
         if ok:
             self.last_reload_success[what] = when
 
-    def snapshot(self, gauges: dict[str, float]) -> dict:
+    def snapshot(self, gauges: dict[str, float]) -> Snapshot:
         responses: dict[tuple[str, str, str, str], int] = {}
         for (klass, method, protocol, origin), n in self.responses.items():
             key = (CODE_CLASSES[klass] if klass < 6 else "5xx", METHODS.get(method, "other"),
@@ -98,8 +103,8 @@ class Stats:
         lookups = dict(self.lookups)
         for outcome, n in (("found", self.lookups_found), ("not_found", self.lookups_not_found)):
             if n:
-                key = (self.registry_kind, outcome)
-                lookups[key] = lookups.get(key, 0) + n
+                lookup_key = (self.registry_kind, outcome)
+                lookups[lookup_key] = lookups.get(lookup_key, 0) + n
         return {
             "responses": [[*k, v] for k, v in responses.items()],
             "request_bytes": self.request_bytes,
@@ -165,7 +170,7 @@ NOT_SUMMED = {("gauges", "sandboxes"): max,                  # ... except these
 KEYED_LATEST = ("last_reload_success",)                      # {label: unix time}, the latest
 
 
-def _add_histogram(into: dict | None, h: dict) -> dict:
+def _add_histogram(into: dict[str, Any] | None, h: dict[str, Any]) -> dict[str, Any]:
     if into is None:
         return {"bounds": h["bounds"], "counts": list(h["counts"]), "sum": h["sum"]}
     into["counts"] = [a + b for a, b in zip(into["counts"], h["counts"])]
@@ -173,12 +178,12 @@ def _add_histogram(into: dict | None, h: dict) -> dict:
     return into
 
 
-def merge(snapshots: Iterable[dict]) -> dict:
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """Add several processes' snapshots: counters, histograms, gauges and process usage are sums
     (open connections of all workers, say); reload and start times take the latest. {} when there
     are none."""
     rows: dict[str, dict[tuple, float]] = {f: {} for f in ROW_COUNTERS}
-    merged: dict = {}
+    merged: Snapshot = {}
     for snap in snapshots:
         if not merged:
             merged = {f: 0 for f in NUMBERS}

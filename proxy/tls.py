@@ -17,8 +17,11 @@ from proxy.config import TlsConfig
 log = logging.getLogger("sandbox_proxy.tls")
 
 
-def _signature(config: TlsConfig) -> tuple:
-    sig = []
+FileSignature = tuple[int, int, int] | None  # (inode, size, mtime_ns); None: cannot stat
+
+
+def _signature(config: TlsConfig) -> tuple[FileSignature, ...]:
+    sig: list[FileSignature] = []
     for path in (config.cert, config.key):
         try:
             st = os.stat(path)

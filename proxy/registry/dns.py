@@ -4,8 +4,9 @@ or Kubernetes DNS can be the registry.
 A look-up asks the configured nameservers for A, AAAA and TXT of the name at once (dnspython's
 asyncio resolver; no search list, no system resolver). The first A address is the backend (else
 the first AAAA); the address records alone say whether the sandbox exists, so an NXDOMAIN for
-the TXT (or AAAA) query beside an A answer, as dnsmasq's `--address` gives, means no settings. An optional TXT record on the same name carries per-sandbox settings as
-`key=value` strings, validated like every other record (proxy/registry/record.py):
+the TXT (or AAAA) query beside an A answer, as dnsmasq's `--address` gives, means no settings.
+An optional TXT record on the same name carries per-sandbox settings as `key=value` strings,
+validated like every other record (proxy/registry/record.py):
 
     mask=localhost:${PORT}      -> mask_request_host
     token-sha256=<64 hex>       -> traffic_access_token_sha256
@@ -31,13 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 
 from proxy.config import RegistryConfig
 from proxy.registry.record import SandboxRecord, record_from_mapping
@@ -50,6 +54,8 @@ REFRESHES_PER_SWEEP = 256
 TXT_KEYS = {"mask": "mask_request_host", "token-sha256": "traffic_access_token_sha256",
             "ports": "ports", "state": "state", "auto-resume": "auto_resume",
             "mask-origin": "mask_origin"}
+# What one query gives: the answer (perhaps without data), or the NXDOMAIN it raised.
+Answer = dns.resolver.Answer | dns.resolver.NXDOMAIN
 
 
 class DnsRegistry(RemoteRegistry):
@@ -100,26 +106,33 @@ class DnsRegistry(RemoteRegistry):
 
     # -- one look-up -------------------------------------------------------------------------
 
-    async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
+    def _started(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
             raise RegistryUnreachable("dns registry not started yet")
+        return self._resolver
+
+    async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
+        self._started()  # RegistryUnreachable before start()
         if len(sandbox_id) > 63:
             return None, 0.0  # cannot be a DNS label, so no such name
         qname = dns.name.Name((sandbox_id.encode("ascii"),)).concatenate(self.zone)
         answers = await asyncio.gather(*(self._query(qname, t) for t in ("A", "AAAA", "TXT")),
                                        return_exceptions=True)
+        found: list[Answer] = []
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, dns.resolver.NXDOMAIN):
                 raise RegistryUnreachable(f"dns registry: {type(answer).__name__}: {answer}")
+            found.append(answer)
         # The address records alone decide whether the sandbox exists: a server may answer a
         # name's A record and NXDOMAIN for its other types (dnsmasq's --address does), which
         # then only means "no TXT settings".
-        a, aaaa, txt = answers
-        address = next((rdata.address for answer in (a, aaaa) if _rrset(answer) is not None
-                        for rdata in _rrset(answer)), None)
+        a, aaaa, txt = found
+        address = next((rdata.address for answer in (a, aaaa)
+                        if (rrset := _rrset(answer)) is not None for rdata in rrset), None)
         if address is None:
             return None, self._negative_ttl(_responses(a, aaaa))
-        ttls = [rrset.ttl for answer in (a, aaaa, txt) if (rrset := _rrset(answer)) is not None]
+        ttls: list[float] = [rrset.ttl for answer in (a, aaaa, txt)
+                             if (rrset := _rrset(answer)) is not None]
         txt_rrset = _rrset(txt)
         if txt_rrset is None and (negative := self._negative_ttl(_responses(txt))) > 0:
             ttls.append(negative)  # a TXT added later is seen within its negative TTL
@@ -131,10 +144,10 @@ class DnsRegistry(RemoteRegistry):
             raise InvalidRecord(str(exc), ttl) from None
 
     async def _query(self, qname: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
-        return await self._resolver.resolve(qname, rdtype, search=False,
-                                            raise_on_no_answer=False)
+        return await self._started().resolve(qname, rdtype, search=False,
+                                             raise_on_no_answer=False)
 
-    def _negative_ttl(self, responses) -> float:
+    def _negative_ttl(self, responses: list[dns.message.Message]) -> float:
         """RFC 2308: min(SOA TTL, SOA minimum) from the authority section, capped; 0 (do not
         cache) when the answer carries no SOA."""
         for response in responses:
@@ -162,8 +175,8 @@ class DnsRegistry(RemoteRegistry):
     async def _probe(self) -> None:
         """While unhealthy: any answer from the nameservers (even NXDOMAIN) makes us ready."""
         try:
-            await self._resolver.resolve(self.zone, "SOA", search=False,
-                                         raise_on_no_answer=False)
+            await self._started().resolve(self.zone, "SOA", search=False,
+                                          raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             pass
         except (dns.exception.DNSException, OSError):
@@ -171,12 +184,12 @@ class DnsRegistry(RemoteRegistry):
         self._fetch_succeeded()
 
 
-def _rrset(answer):
+def _rrset(answer: Answer) -> dns.rrset.RRset | None:
     """The record set of an answer; None for no data and for NXDOMAIN."""
     return None if isinstance(answer, dns.resolver.NXDOMAIN) else answer.rrset
 
 
-def _responses(*answers) -> list:
+def _responses(*answers: Answer) -> list[dns.message.Message]:
     """The DNS messages behind answers and NXDOMAINs (for their SOA)."""
     out = []
     for answer in answers:
@@ -187,9 +200,9 @@ def _responses(*answers) -> list:
     return out
 
 
-def txt_settings(rrset) -> dict:
+def txt_settings(rrset: dns.rrset.RRset) -> dict[str, Any]:
     """The record keys carried by TXT strings `key=value`; ValueError-free (validation later)."""
-    settings: dict = {}
+    settings: dict[str, Any] = {}
     for rdata in rrset:
         for raw in rdata.strings:
             text = raw.decode("utf-8", "replace")
@@ -213,7 +226,7 @@ def txt_settings(rrset) -> dict:
     return settings
 
 
-def _add_ingress_rule(settings: dict, port: str, value: str) -> None:
+def _add_ingress_rule(settings: dict[str, Any], port: str, value: str) -> None:
     """`allowed-clients=<cidr>,<cidr>` (every port) or `allowed-clients:<port>=...`."""
     rules = settings.setdefault("allowed_clients", {})
     if isinstance(rules, dict):
@@ -221,8 +234,8 @@ def _add_ingress_rule(settings: dict, port: str, value: str) -> None:
             filter(None, (v.strip() for v in value.replace(" ", ",").split(","))))
 
 
-def _port_map(value: str) -> dict | str:
-    ports: dict = {}
+def _port_map(value: str) -> dict[str, int] | str:
+    ports: dict[str, int] = {}
     for pair in filter(None, (p.strip() for p in value.replace(" ", ",").split(","))):
         sandbox_port, sep, backend_port = pair.partition(":")
         if not sep or not backend_port.isdigit():

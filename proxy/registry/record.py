@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from proxy.host import SANDBOX_ID_CHARS
 
@@ -90,7 +91,7 @@ class SandboxRecord:
             value = masks[port] = mask.replace("${PORT}", str(port)).encode("latin-1")
         return value
 
-    def same_backend(self, other: "SandboxRecord") -> bool:
+    def same_backend(self, other: SandboxRecord) -> bool:
         """True when `other` routes to the same addresses (connections to it may stay open)."""
         return self.host == other.host and self.ports == other.ports
 
@@ -239,16 +240,18 @@ def _blocked_paths(value: Any) -> dict[int, tuple[str, ...]]:
 def _networks(value: Any, where: str) -> tuple[Network, ...]:
     if not isinstance(value, list):
         raise ValueError(f"{where}: must be a list of CIDRs or addresses")
-    networks = []
+    networks: list[Network] = []
     for item in value:
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str)
-                            else None)
-        except ValueError:
-            networks.append(None)
-        if networks[-1] is None:
+        network = None
+        if isinstance(item, str):
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                pass
+        if network is None:
             raise ValueError(f"{where}: {item!r} is not a CIDR or an IP address")
-    return tuple(networks)  # type: ignore[arg-type]
+        networks.append(network)
+    return tuple(networks)
 
 
 def _ingress_rules(value: Any) -> dict[int, tuple[Network, ...]]:

@@ -30,11 +30,15 @@ events); use DEL.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
+from collections.abc import Coroutine
+from typing import Any, TypedDict
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -54,6 +58,15 @@ LIST_SCAN_COUNT = 1000
 ACTIVITY_SUFFIX = ":activity"  # [activity] redis: `<prefix><id>:activity`, never a record
 
 
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments every client of the registry is made with."""
+
+    decode_responses: bool
+    socket_timeout: float
+    socket_connect_timeout: float
+    retry: Retry
+
+
 class RedisTarget:
     """Where the records live, from the URL: the data client and the clients to subscribe on."""
 
@@ -63,8 +76,8 @@ class RedisTarget:
         self.scheme = urlsplit(url).scheme
         self.cluster = self.scheme.endswith("+cluster")
         self.sentinel = self.scheme.endswith("+sentinel")
-        self.options = dict(decode_responses=True, socket_timeout=timeout,
-                            socket_connect_timeout=timeout)
+        self.options: ClientOptions = {"decode_responses": True, "socket_timeout": timeout,
+                                       "socket_connect_timeout": timeout}
         try:
             self._parse()
         except ValueError as exc:
@@ -97,31 +110,39 @@ class RedisTarget:
             pool = aioredis.ConnectionPool.from_url(self.url)
             self.db = int(pool.connection_kwargs.get("db", 0) or 0)
 
-    def data_client(self, retries: int = 1):
+    def _options(self, retries: int) -> ClientOptions:
+        return {**self.options, "retry": Retry(NoBackoff(), retries)}
+
+    def data_client(self, retries: int = 1) -> aioredis.Redis | RedisCluster:
         """A client for commands. `retries = 0` for subscriptions: a reconnect must be seen (and
         the cache flushed), never done silently behind our back."""
-        options = {**self.options, "retry": Retry(NoBackoff(), retries)}
+        if self.cluster:
+            return RedisCluster.from_url(self.plain_url, **self._options(retries))
+        return self._node_client(retries)
+
+    def _node_client(self, retries: int) -> aioredis.Redis:
+        """A client of one Redis: the URL's, or the master the Sentinels name."""
+        options = self._options(retries)
         if self.sentinel:
             extra = {"ssl": True} if self.tls else {}
             sentinels = Sentinel(self.sentinels, sentinel_kwargs={**self.auth, **extra,
                                                                    "socket_timeout": self.timeout},
                                  **self.auth, **extra, **options)
-            return sentinels.master_for(self.service, db=self.db)
-        if self.cluster:
-            return RedisCluster.from_url(self.plain_url, **options)
+            master: aioredis.Redis = sentinels.master_for(self.service, db=self.db)
+            return master
         return aioredis.from_url(self.url, **options)
 
-    async def watch_clients(self) -> list:
+    async def watch_clients(self) -> list[aioredis.Redis]:
         """One client per node whose keyspace events carry our keys (the caller closes them)."""
         if not self.cluster:
-            return [self.data_client(retries=0)]
-        cluster = self.data_client(retries=0)
+            return [self._node_client(retries=0)]
+        cluster = RedisCluster.from_url(self.plain_url, **self._options(0))
         try:
             await cluster.initialize()
             kwargs = cluster.get_default_node().connection_kwargs
             auth = {k: kwargs[k] for k in ("username", "password", "ssl") if kwargs.get(k)}
-            return [aioredis.Redis(host=node.host, port=node.port, **auth,
-                                   **{**self.options, "retry": Retry(NoBackoff(), 0)})
+            return [aioredis.Redis(host=node.host, port=int(node.port), **auth,
+                                   **self._options(0))
                     for node in cluster.get_primaries()]
         finally:
             await cluster.aclose()
@@ -138,7 +159,7 @@ class RedisRegistry(RemoteRegistry):
         self.prefix = config.prefix
         self.target = RedisTarget(config.url, config.timeout)
         self._pattern = f"__keyspace@{self.target.db}__:{self.prefix}*"
-        self._client = None
+        self._client: aioredis.Redis | RedisCluster | None = None
         self._watcher: asyncio.Task | None = None
         self._subscribed = False
         self._background: set[asyncio.Task] = set()
@@ -162,12 +183,15 @@ class RedisRegistry(RemoteRegistry):
     def _key(self, sandbox_id: str) -> str:
         return self.prefix + sandbox_id
 
+    def _started(self) -> aioredis.Redis | RedisCluster:
+        if self._client is None:
+            raise RegistryUnreachable("redis registry not started yet")
+        return self._client
+
     # -- reads -------------------------------------------------------------------------------
 
     async def _fetch(self, sandbox_id: str) -> tuple[SandboxRecord | None, float | None]:
-        if self._client is None:
-            raise RegistryUnreachable("redis registry not started yet")
-        raw = await self._client.get(self._key(sandbox_id))
+        raw = await self._started().get(self._key(sandbox_id))
         return (None if raw is None else parse_stored(sandbox_id, raw)), None
 
     # -- change notifications ----------------------------------------------------------------
@@ -175,8 +199,8 @@ class RedisRegistry(RemoteRegistry):
     async def _watch(self) -> None:
         pause = RECONNECT_BACKOFF[0]
         while True:
-            subscriptions: list = []
-            nodes: list = []
+            subscriptions: list[PubSub] = []
+            nodes: list[aioredis.Redis] = []
             try:
                 nodes = await self.target.watch_clients()
                 confirmed = True
@@ -205,7 +229,8 @@ class RedisRegistry(RemoteRegistry):
             finally:
                 self._subscribed = False
                 self.flush()
-                for closable in (*subscriptions, *nodes):
+                closables: list[PubSub | aioredis.Redis] = [*subscriptions, *nodes]
+                for closable in closables:
                     try:
                         await closable.aclose()
                     except Exception:
@@ -213,7 +238,7 @@ class RedisRegistry(RemoteRegistry):
             await asyncio.sleep(pause)
             pause = min(pause * 2, RECONNECT_BACKOFF[1])
 
-    async def _subscribe(self, pubsub) -> None:
+    async def _subscribe(self, pubsub: PubSub) -> None:
         """PSUBSCRIBE and wait for the server to confirm it: only then are writes announced."""
         await pubsub.psubscribe(self._pattern)
         async with asyncio.timeout(self.timeout):
@@ -222,7 +247,7 @@ class RedisRegistry(RemoteRegistry):
                 if message is not None and message["type"] == "psubscribe":
                     return
 
-    async def _enable_notifications(self, client) -> bool:
+    async def _enable_notifications(self, client: aioredis.Redis) -> bool:
         """Make sure writes are announced; False when that cannot be confirmed."""
         try:
             current = (await client.config_get("notify-keyspace-events")).get(
@@ -240,7 +265,7 @@ class RedisRegistry(RemoteRegistry):
                         "the server, until then every request asks Redis", NOTIFY_FLAGS, exc)
             return False
 
-    async def _listen(self, pubsub) -> None:
+    async def _listen(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
         heard = loop.time()
         prefix_at = len("__keyspace@") + len(str(self.target.db)) + len("__:") + len(self.prefix)
@@ -258,7 +283,7 @@ class RedisRegistry(RemoteRegistry):
                 if ACTIVITY_SUFFIX not in key:  # our own activity keys are not records
                     self.refresh(key)
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -268,7 +293,7 @@ class RedisRegistry(RemoteRegistry):
     async def list(self, after: str | None, limit: int) -> tuple[list[SandboxRecord], str | None]:
         """Records in id order after `after`; each page scans the keys (admin use only)."""
         async with asyncio.timeout(self.timeout * 5):
-            ids = sorted({key[len(self.prefix):] async for key in self._client.scan_iter(
+            ids = sorted({key[len(self.prefix):] async for key in self._started().scan_iter(
                 match=self.prefix + "*", count=LIST_SCAN_COUNT)
                 if key[len(self.prefix):] > (after or "")  # a set: SCAN may repeat keys
                 and ACTIVITY_SUFFIX not in key})
@@ -284,21 +309,23 @@ class RedisRegistry(RemoteRegistry):
                 log.error("redis registry: record of %s is invalid: %s", sandbox_id, exc)
         return records, (page[-1] if len(ids) > limit else None)
 
-    async def _mget(self, keys: list[str]) -> list:
-        if self.target.cluster:
-            return await self._client.mget_nonatomic(keys)
-        return await self._client.mget(keys)
+    async def _mget(self, keys: builtins.list[str]) -> builtins.list[str | bytes | None]:
+        # (`list` here is the method above: the annotations name the builtin)
+        client = self._started()
+        if isinstance(client, RedisCluster):
+            return await client.mget_nonatomic(keys)
+        return await client.mget(keys)
 
     async def put(self, record: SandboxRecord) -> None:
         async with asyncio.timeout(self.timeout):
-            await self._client.set(self._key(record.sandbox_id),
+            await self._started().set(self._key(record.sandbox_id),
                                    json.dumps(record.to_mapping(), separators=(",", ":")))
         self._applied_locally(record.sandbox_id, record)
 
     async def write_activity(self, report: dict[str, dict[str, int]], ttl: int) -> None:
         """[activity] redis: one `<prefix><id>:activity` JSON value per sandbox, expiring."""
         async with asyncio.timeout(self.timeout * 5):
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._started().pipeline(transaction=False) as pipe:
                 for sandbox_id, entry in report.items():
                     pipe.set(self._key(sandbox_id) + ACTIVITY_SUFFIX,
                              json.dumps(entry, separators=(",", ":")), ex=ttl)
@@ -306,12 +333,12 @@ class RedisRegistry(RemoteRegistry):
 
     async def delete(self, sandbox_id: str) -> bool:
         async with asyncio.timeout(self.timeout):
-            removed = await self._client.delete(self._key(sandbox_id))
+            removed = await self._started().delete(self._key(sandbox_id))
         self._applied_locally(sandbox_id, None)
         return bool(removed)
 
 
-def parse_stored(sandbox_id: str, raw: str) -> SandboxRecord:
+def parse_stored(sandbox_id: str, raw: str | bytes) -> SandboxRecord:
     """Validate a stored value exactly as every kind validates a record."""
     try:
         data = json.loads(raw)

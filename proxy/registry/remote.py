@@ -19,9 +19,9 @@ Subclasses implement `_fetch` (ask the store) and decide when caching is trustwo
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 import logging
 import math
+from time import monotonic
 
 from proxy.registry import RemovalListener
 from proxy.registry.record import SandboxRecord
@@ -57,7 +57,7 @@ class RemoteRegistry:
         self._expires: dict[str, float] = {}     # id -> loop time its cached record expires
         self._absent: dict[str, float] = {}      # id -> loop time until which it is unknown
         self._known: dict[str, SandboxRecord] = {}
-        self._inflight: dict[str, asyncio.Task] = {}
+        self._inflight: dict[str, asyncio.Task[SandboxRecord | None]] = {}
         self._stale_inflight: set[str] = set()   # invalidated while their fetch was running
         self._caching = False
         self._listeners: list[RemovalListener] = []
@@ -73,13 +73,14 @@ class RemoteRegistry:
 
     # -- the hot path ------------------------------------------------------------------------
 
-    def lookup(self, sandbox_id: str, port: int = 0):
+    def lookup(self, sandbox_id: str, port: int = 0,
+               ) -> SandboxRecord | asyncio.Future[SandboxRecord | None] | None:
         record = self._records.get(sandbox_id)
         if record is not None:
             return record
         return self._miss(sandbox_id)
 
-    def _miss(self, sandbox_id: str):
+    def _miss(self, sandbox_id: str) -> asyncio.Future[SandboxRecord | None] | None:
         until = self._absent.get(sandbox_id)
         if until is not None:
             if until > asyncio.get_running_loop().time():
@@ -87,7 +88,7 @@ class RemoteRegistry:
             del self._absent[sandbox_id]
         return asyncio.shield(self._fetch_shared(sandbox_id))
 
-    def _fetch_shared(self, sandbox_id: str) -> asyncio.Task:
+    def _fetch_shared(self, sandbox_id: str) -> asyncio.Task[SandboxRecord | None]:
         task = self._inflight.get(sandbox_id)
         if task is not None:
             self.lookup_outcomes["coalesced"] += 1
@@ -247,7 +248,8 @@ class RemoteRegistry:
                 f"{self.kind} registry did not answer within {self.timeout:g}s") from None
         return record
 
-    async def list(self, after: str | None, limit: int):
+    async def list(self, after: str | None, limit: int,
+                   ) -> tuple[list[SandboxRecord], str | None]:
         raise NotImplementedError(f"the {self.kind} registry cannot list its sandboxes")
 
     async def put(self, record: SandboxRecord) -> None:
@@ -262,7 +264,7 @@ class RemoteRegistry:
         self._observe(sandbox_id, record)
 
 
-def _consume_exception(task: asyncio.Task) -> None:
+def _consume_exception(task: asyncio.Task[SandboxRecord | None]) -> None:
     """Fetches nobody waits for any more (clients gone, background refresh) must not log
     'exception was never retrieved'."""
     if not task.cancelled():

@@ -32,13 +32,14 @@ unchanged: the edge answers 409 "The sandbox is paused" (`canAutoResume: false`)
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 import inspect
 import logging
+from time import monotonic
+from typing import Any
 
 import aiohttp
 
-from proxy.registry import Registry, RemovalListener
+from proxy.registry import LookupResult, Registry, RemovalListener
 from proxy.registry.record import SandboxRecord
 from proxy.stats import Histogram
 
@@ -71,23 +72,24 @@ class AutoResumeRegistry:
         self.writable = inner.writable
         self.resume_url = resume_url
         self.resume_timeout = resume_timeout
-        self._resuming: dict[str, asyncio.Task] = {}
+        self._resuming: dict[str, asyncio.Task[SandboxRecord | None]] = {}
         self._session: aiohttp.ClientSession | None = None
         # Read by the metrics: resume attempts by outcome and how long they took.
         self.resumes = {"resumed": 0, "not_found": 0, "refused": 0, "timeout": 0, "error": 0}
         self.resume_duration = Histogram(RESUME_BUCKETS)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # everything else (admin operations, counters, reload, invalidate) is the inner kind's
         return getattr(self.inner, name)
 
     def __len__(self) -> int:
-        return len(self.inner)  # type: ignore[arg-type]
+        return len(self.inner)
 
-    def lookup(self, sandbox_id: str, port: int = 0):
+    def lookup(self, sandbox_id: str, port: int = 0) -> LookupResult:
         return self.inner.lookup(sandbox_id, port)
 
-    def resume(self, sandbox_id: str, port: int, state: str = "paused") -> asyncio.Future:
+    def resume(self, sandbox_id: str, port: int,
+               state: str = "paused") -> asyncio.Future[SandboxRecord | None]:
         """Wake the sandbox (one webhook call shared by every request meanwhile); resolves to
         the running record, or None when the control plane says it is gone."""
         task = self._resuming.get(sandbox_id)
@@ -98,7 +100,7 @@ class AutoResumeRegistry:
             task.add_done_callback(lambda t: self._finished(sandbox_id, t))
         return asyncio.shield(task)  # a client that leaves cancels its wait, not the resume
 
-    def _finished(self, sandbox_id: str, task: asyncio.Task) -> None:
+    def _finished(self, sandbox_id: str, task: asyncio.Task[SandboxRecord | None]) -> None:
         if self._resuming.get(sandbox_id) is task:
             del self._resuming[sandbox_id]
         if not task.cancelled():

@@ -20,7 +20,7 @@ def _rest_is_comment(rest: str) -> bool:
     return not rest or rest[0] == "#"
 
 
-def _value(text: str):
+def _value(text: str) -> str | bool | int | dict[str, int]:
     """The TOML value at the start of `text` (the rest may only be a comment); raise ValueError
     for anything outside the subset."""
     first = text[:1]
