@@ -19,14 +19,27 @@ import hmac
 import ipaddress
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Awaitable
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from proxy import errors, share
 from proxy.blocked_paths import blocked_prefix
-from proxy.headers import (MalformedHeaders, UnsupportedTransferCoding, build_request_head,
-                           cookie_value, forwarding_lines, scan_request_headers, without_cookie)
-from proxy.host import (BadHost, SandboxAddress, host_chars_valid, parse_sandbox_host,
-                        strip_host_port)
+from proxy.headers import (
+    MalformedHeaders,
+    UnsupportedTransferCoding,
+    build_request_head,
+    cookie_value,
+    forwarding_lines,
+    scan_request_headers,
+    without_cookie,
+)
+from proxy.host import (
+    BadHost,
+    SandboxAddress,
+    host_chars_valid,
+    parse_sandbox_host,
+    strip_host_port,
+)
 from proxy.origin import origin_follows_mask
 from proxy.registry import SandboxRecord
 from proxy.registry.record import TRANSITIONS
@@ -52,7 +65,7 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
     return authority, path
 
 
-def _routing_headers(ctx: "EdgeContext", ex: "Exchange", host: bytes) -> SandboxAddress | None:
+def _routing_headers(ctx: EdgeContext, ex: Exchange, host: bytes) -> SandboxAddress | None:
     """The sandbox named by E2b-Sandbox-Id/-Port, honoured on stable hosts only."""
     try:
         name = strip_host_port(host.decode("latin-1").strip().lower()).rstrip(".")
@@ -77,7 +90,7 @@ def _routing_headers(ctx: "EdgeContext", ex: "Exchange", host: bytes) -> Sandbox
         raise errors.BadHost(f"Invalid sandbox routing headers: {exc}") from None
 
 
-def route_request(ctx: "EdgeContext", ex: "Exchange", client_ip: bytes, trusted: bool,
+def route_request(ctx: EdgeContext, ex: Exchange, client_ip: bytes, trusted: bool,
                   host_cache: dict[bytes, SandboxAddress]) -> Awaitable | None:
     """Route `ex`; returns an awaitable when the registry must be asked remotely."""
     method = ex.method
@@ -85,10 +98,9 @@ def route_request(ctx: "EdgeContext", ex: "Exchange", client_ip: bytes, trusted:
         raise errors.MethodNotAllowed("CONNECT is not supported")
     target = ex.target
     authority = None
-    if not target.startswith(b"/"):
-        if target != b"*" or method != b"OPTIONS":
-            authority, target = _split_absolute_form(target)
-            ex.target = target
+    if not target.startswith(b"/") and (target != b"*" or method != b"OPTIONS"):
+        authority, target = _split_absolute_form(target)
+        ex.target = target
     try:
         scanned = scan_request_headers(ex.headers, trusted, ctx.private_headers)
     except UnsupportedTransferCoding as exc:
@@ -108,8 +120,8 @@ def route_request(ctx: "EdgeContext", ex: "Exchange", client_ip: bytes, trusted:
     if address is None:
         if not host_chars_valid(host):
             raise errors.BadHost("Invalid host: characters outside [A-Za-z0-9.:-]")
-        address = ctx.header_routing and _routing_headers(ctx, ex, host)
-        if not address:
+        address = _routing_headers(ctx, ex, host) if ctx.header_routing else None
+        if address is None:
             try:
                 address = parse_sandbox_host(host.decode("latin-1"), ctx.domains)
             except BadHost as exc:
@@ -122,14 +134,14 @@ def route_request(ctx: "EdgeContext", ex: "Exchange", client_ip: bytes, trusted:
     if found is None:
         ctx.stats.lookups_not_found += 1
         raise errors.SandboxNotFound(ex.sandbox_id)
-    if type(found) is SandboxRecord:
+    if isinstance(found, SandboxRecord):
         ctx.stats.lookups_found += 1
         admit(ctx, ex, found, client_ip, trusted)
         return None
     return found
 
 
-def admit(ctx: "EdgeContext", ex: "Exchange", record: SandboxRecord, client_ip: bytes,
+def admit(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, client_ip: bytes,
           trusted: bool) -> None:
     """The per-sandbox steps: running, ingress rules, token, then the head the backend sees.
 
@@ -157,6 +169,7 @@ def admit(ctx: "EdgeContext", ex: "Exchange", record: SandboxRecord, client_ip: 
         return
     ex.resume = False
     scanned = ex.scanned
+    assert scanned is not None  # route_request scanned the head
     if ctx.strip_cookies:  # credential cookies never reach a backend
         scanned = scanned._replace(lines=without_cookie(scanned.lines, ctx.strip_cookies))
     ex.record = record
@@ -175,7 +188,7 @@ def admit(ctx: "EdgeContext", ex: "Exchange", record: SandboxRecord, client_ip: 
         forwarding_lines(scanned, client_ip, ctx.scheme, host, trusted), upgrade=ex.upgrade)
 
 
-def real_client_address(ctx: "EdgeContext", ex: "Exchange", client_ip: bytes, trusted: bool,
+def real_client_address(ctx: EdgeContext, ex: Exchange, client_ip: bytes, trusted: bool,
                         ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The client's own address: the connection's peer (or its PROXY protocol source), or, when
     that peer is a trusted proxy, the right-most X-Forwarded-For entry that is not one of ours
@@ -203,10 +216,11 @@ def real_client_address(ctx: "EdgeContext", ex: "Exchange", client_ip: bytes, tr
 
 
 def _token_matches(token: bytes, record: SandboxRecord) -> bool:
-    return hmac.compare_digest(hashlib.sha256(token).digest(), record.token_sha256)
+    expected = record.token_sha256
+    return expected is not None and hmac.compare_digest(hashlib.sha256(token).digest(), expected)
 
 
-def check_token(ctx: "EdgeContext", ex: "Exchange", record: SandboxRecord, trusted: bool) -> None:
+def check_token(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, trusted: bool) -> None:
     """Raise unless the request carries a credential for the sandbox.
 
     Every credential a request carries is looked at, whichever else it carries. Query parameters
@@ -221,21 +235,21 @@ def check_token(ctx: "EdgeContext", ex: "Exchange", record: SandboxRecord, trust
     if access.browser_cookie:
         values, location = _query_credential(ex.target, ctx.query_parameter)
         if values:
-            token = values[0]
-            if (any(v != token for v in values) or not token
-                    or not _COOKIE_SAFE.issuperset(token) or not _token_matches(token, record)):
+            given = values[0]
+            if (any(v != given for v in values) or not given
+                    or not _COOKIE_SAFE.issuperset(given) or not _token_matches(given, record)):
                 raise errors.AccessDenied.invalid(ex.sandbox_id, header_name)
-            raise _accepted(ctx, ex, trusted, location, ctx.cookie_name, token)
+            raise _accepted(ctx, ex, trusted, location, ctx.cookie_name, given)
     share_key = ctx.share_key
     if share_key is not None:
         values, location = _query_credential(ex.target, share.QUERY_PARAMETER)
         if values:
-            token = values[0]
-            if any(v != token for v in values) or not share.valid(
-                    share_key, token, ex.sandbox_id, ex.port, record.share_epoch, time.time()):
+            link = values[0]
+            if any(v != link for v in values) or not share.valid(
+                    share_key, link, ex.sandbox_id, ex.port, record.share_epoch, time.time()):
                 raise errors.AccessDenied.share_invalid(ex.sandbox_id)
-            raise _accepted(ctx, ex, trusted, location, share.COOKIE_NAME, token,
-                            max_age=max(0, share.expiry_of(token) - int(time.time())))
+            raise _accepted(ctx, ex, trusted, location, share.COOKIE_NAME, link,
+                            max_age=max(0, share.expiry_of(link) - int(time.time())))
     token = ex.header(ctx.token_header)
     if token is None and access.browser_cookie:
         token = cookie_value(ex.header(b"cookie"), ctx.cookie_name)
@@ -283,12 +297,13 @@ def _query_credential(target: bytes, name: bytes) -> tuple[list[bytes], bytes]:
     return values, _same_site_path(path) + (b"?" + b"&".join(kept) if kept else b"")
 
 
-def _accepted(ctx: "EdgeContext", ex: "Exchange", trusted: bool, location: bytes, name: bytes,
+def _accepted(ctx: EdgeContext, ex: Exchange, trusted: bool, location: bytes, name: bytes,
               value: bytes, max_age: int | None = None) -> errors.TokenAccepted:
     """The redirect that trades a query credential for a host-only HttpOnly cookie."""
     cookie = name + b"=" + value + b"; Path=/; HttpOnly; SameSite=Lax"
     if max_age is not None:
         cookie += b"; Max-Age=%d" % max_age
-    if ctx.scheme == b"https" or (trusted and ex.scanned.forwarded_proto == b"https"):
+    if ctx.scheme == b"https" or (trusted and ex.scanned is not None
+                                  and ex.scanned.forwarded_proto == b"https"):
         cookie += b"; Secure"
     return errors.TokenAccepted(ex.sandbox_id, location, cookie)

@@ -77,7 +77,7 @@ class EdgeContext:
     def gauges(self) -> dict[str, float]:
         connections = self.connections
         registry = self.registry
-        gauges = {
+        gauges: dict[str, float] = {
             "client_connections": len(connections),
             "requests_in_flight": sum(1 for c in connections
                                       if c.active is not None and c.tunnel is None),
@@ -87,8 +87,7 @@ class EdgeContext:
             "registry_ready": int(registry.ready()),
             **self.pools.gauges(),
         }
-        if hasattr(registry, "__len__"):
-            gauges["sandboxes"] = len(registry)  # type: ignore[arg-type]
+        gauges["sandboxes"] = len(registry)
         return gauges
 
     def is_trusted(self, ip: str) -> bool:

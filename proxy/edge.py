@@ -7,7 +7,8 @@ deadline and its kind, lingering close and drain. Each request becomes an `Excha
 ClientSide interface (proxy/destination.py).
 
 The connection's mode is one field, `feed`, the method incoming bytes go to:
-- `feed_parser`: HTTP parsed by llhttp (heads, chunked bodies, the first read of a body);
+- None: HTTP parsed by llhttp (heads, chunked bodies, the first read of a body), in
+  `data_received` itself, which is the hot path;
 - `feed_body`: the rest of a Content-Length body, relayed without parsing or copying;
 - `feed_held`: bytes after an upgrade request, kept unparsed until its answer is known;
 - `feed_tunnel`: after a 101, raw bytes to the backend;
@@ -26,15 +27,15 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
-from typing import Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy import errors
 from proxy.admission import route_request
 from proxy.context import EdgeContext
-from proxy.exchange import RECEIVED, SENT, Exchange, WAITING
+from proxy.exchange import RECEIVED, SENT, WAITING, Exchange
 from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, peer_closed, reset
 from proxy.tunnel import Tunnel
 from proxy.upstream import UpstreamConnection
@@ -76,7 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = b"-"
         self.trusted = False
         self.host_cache: dict = {}
-        self.feed: Callable[[bytes], None] = self.feed_parser
+        self.feed: Callable[[bytes], None] | None = None  # None: parse (see the docstring)
         self.parsing: Exchange | None = None   # the request llhttp is reading
         self.active: Exchange | None = None    # the request being served (the front)
         self.queued: deque[Exchange] | None = None  # pipelined requests behind it
@@ -123,7 +124,36 @@ class ClientConnection(asyncio.Protocol):
             Exchange(self).answer(errors.TooManyConnections("Too many connections"))
 
     def data_received(self, data: bytes) -> None:
-        self.feed(data)
+        feed = self.feed
+        if feed is not None:  # any mode but parsing
+            feed(data)
+            return
+        if self.in_head:
+            if not self.head_bytes:  # set_deadline, inlined: once per request
+                self.deadline_kind = HEADER_DUE
+                self.deadline = self.loop.time() + self.ctx.client_header_timeout
+            self.head_bytes += len(data)
+        self.quiet_bytes += len(data)
+        self.feeding = True
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except HttpParserUpgrade as exc:
+            self.feeding = False
+            self.hold_after_upgrade(data[exc.args[0]:])
+        except HttpParserError as exc:
+            self.feeding = False
+            if self.ready is self.parsing:
+                self.ready = None  # refused by the parser: never started
+            self.request_malformed(exc)
+        else:
+            self.feeding = False
+            if self.quiet_bytes > self.ctx.max_header_bytes:
+                self.request_malformed(None, errors.HeadersTooLarge("Request header is too large"))
+        ready = self.ready
+        if ready is not None:
+            self.ready = None
+            if ready is self.active and not self.closing:
+                ready.start()
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -168,35 +198,7 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             up.resume_reading()
 
-    # -- the modes ----------------------------------------------------------------------------
-    def feed_parser(self, data: bytes) -> None:
-        if self.in_head:
-            if not self.head_bytes:  # set_deadline, inlined: once per request
-                self.deadline_kind = HEADER_DUE
-                self.deadline = self.loop.time() + self.ctx.client_header_timeout
-            self.head_bytes += len(data)
-        self.quiet_bytes += len(data)
-        self.feeding = True
-        try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]
-        except HttpParserUpgrade as exc:
-            self.feeding = False
-            self.hold_after_upgrade(data[exc.args[0]:])
-        except HttpParserError as exc:
-            self.feeding = False
-            if self.ready is self.parsing:
-                self.ready = None  # refused by the parser: never started
-            self.request_malformed(exc)
-        else:
-            self.feeding = False
-            if self.quiet_bytes > self.ctx.max_header_bytes:
-                self.request_malformed(None, errors.HeadersTooLarge("Request header is too large"))
-        ready = self.ready
-        if ready is not None:
-            self.ready = None
-            if ready is self.active and not self.closing:
-                ready.start()
-
+    # -- the other modes ----------------------------------------------------------------------
     def feed_body(self, data: bytes) -> None:
         """Content-Length body bytes after the first read: no llhttp, no copy. The parser,
         which still expects them, is replaced when the body ends."""
@@ -209,13 +211,13 @@ class ClientConnection(asyncio.Protocol):
                 ex.request_body(data)
             return
         self.body_left = 0
-        self.feed = self.feed_parser
+        self.feed = None
         if ex is not None:
             ex.request_body(data if len(data) == left else data[:left])
         self.parser = HttpRequestParser(self)
         self.on_message_complete()
         if len(data) > left:  # the next (pipelined) request
-            self.feed(data[left:])
+            self.data_received(data[left:])
 
     def feed_held(self, data: bytes) -> None:
         self.held.append(data)  # type: ignore[union-attr]
@@ -241,12 +243,12 @@ class ClientConnection(asyncio.Protocol):
         """The upgrade request was answered without a 101: what followed it is HTTP again."""
         held, self.held = self.held, None
         self.upgrading = None
-        self.feed = self.feed_parser
+        self.feed = None
         self.parser = HttpRequestParser(self)
         self.gate.resume(WAITING_UPSTREAM)
         data = b"".join(held) if held else b""
         if data:
-            self.feed(data)
+            self.data_received(data)
 
     # -- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -317,7 +319,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.scanned is not None and ex.scanned.length > 0 and ex.upgrade is None:
             self.body_left = ex.scanned.length
         if ex is self.active and not self.closing:
-            self.ready = ex  # started once llhttp returns (feed_parser)
+            self.ready = ex  # started once llhttp returns (data_received)
 
     def on_body(self, body: bytes) -> None:
         self.quiet_bytes = 0
@@ -485,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.abort()  # connection_lost releases the backend connection
             else:
                 self.set_deadline(PROBE_DUE, PROBE_SECONDS)
-        elif kind == LINGER_DUE or kind == IDLE_DUE:
+        elif kind in (LINGER_DUE, IDLE_DUE):
             self.closing = True
             self.transport.close()  # linger over, or idle keep-alive
         elif kind == HEADER_DUE:

@@ -117,17 +117,17 @@ class AccessDenied(ProxyError):
     status = 403
 
     @classmethod
-    def missing(cls, sandbox_id: str, header: str) -> "AccessDenied":
+    def missing(cls, sandbox_id: str, header: str) -> AccessDenied:
         return cls(f"Sandbox is secured with traffic access token. Token header '{header}' "
                    "is missing", sandbox_id)
 
     @classmethod
-    def share_invalid(cls, sandbox_id: str) -> "AccessDenied":
+    def share_invalid(cls, sandbox_id: str) -> AccessDenied:
         return cls("Sandbox is secured with traffic access token. The share link is invalid, "
                    "expired or revoked", sandbox_id)
 
     @classmethod
-    def invalid(cls, sandbox_id: str, header: str) -> "AccessDenied":
+    def invalid(cls, sandbox_id: str, header: str) -> AccessDenied:
         return cls(f"Sandbox is secured with traffic access token. Provided token in header "
                    f"'{header}' is invalid", sandbox_id)
 
@@ -271,8 +271,9 @@ def _prefers_html(accept: str) -> bool:
 _HTML_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{status} {phrase}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:15vh auto;padding:0 1rem;color:#222}}
-h1{{font-size:1.4rem}}code{{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}}</style></head>
+<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:15vh auto;padding:0 1rem;
+color:#222}} h1{{font-size:1.4rem}}
+code{{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}}</style></head>
 <body><h1>{message}</h1><p>{detail}</p><p><small>{status} {phrase}</small></p></body></html>
 """
 

@@ -9,8 +9,10 @@ backend may go away or stay silent (`upstream_lost`, `upstream_timed_out`) or sw
 (`upstream_upgraded`); the proxy may answer itself (`answer`). `end` accounts for the exchange
 exactly once (metrics, access log), however it ended.
 
-Each side has a small state whose transitions are checked in one place (`_request_to`,
-`_response_to`). Routing and admission decisions are proxy/admission.py's; framing rules are
+Each side has a small state whose legal transitions are written in one place (the
+`_REQUEST_FROM` and `_RESPONSE_FROM` tables), checked on every transition (`_request_to`,
+`_response_to`, or the same check inlined on the four per-request transitions). Routing and
+admission decisions are proxy/admission.py's; framing rules are
 proxy/http1.py's; the exchange reaches its client connection only through `ClientSide`.
 """
 
@@ -19,16 +21,24 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Awaitable
 from time import monotonic
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING, NoReturn
 
 from proxy import errors
 from proxy.admission import admit
 from proxy.connect_rpc import EnvelopeTracker, end_stream_unavailable
 from proxy.flow import WAITING_UPSTREAM
 from proxy.headers import MalformedHeaders, RequestHeaders, scan_response_headers, trailer_lines
-from proxy.http1 import (LAST_CHUNK, Body, FramingError, chunk, last_chunk, response_framing,
-                         status_line)
+from proxy.http1 import (
+    LAST_CHUNK,
+    Body,
+    FramingError,
+    chunk,
+    last_chunk,
+    response_framing,
+    status_line,
+)
 from proxy.registry.resume import ResumeFailed, ResumeRefused
 from proxy.upstream import BackendRefused, ConnectFailed
 
@@ -138,13 +148,19 @@ class Exchange:
     # -- state ------------------------------------------------------------------------------
     def _request_to(self, state: RequestState) -> None:
         if not _REQUEST_FROM[state] >> self.request & 1:
-            raise StateError(f"request {self.request.name} -> {state.name}")
+            self._illegal_request(state)
         self.request = state
 
     def _response_to(self, state: ResponseState) -> None:
         if not _RESPONSE_FROM[state] >> self.response & 1:
-            raise StateError(f"response {self.response.name} -> {state.name}")
+            self._illegal_response(state)
         self.response = state
+
+    def _illegal_request(self, state: RequestState) -> NoReturn:
+        raise StateError(f"request {self.request.name} -> {state.name}")
+
+    def _illegal_response(self, state: ResponseState) -> NoReturn:
+        raise StateError(f"response {self.response.name} -> {state.name}")
 
     @property
     def retryable(self) -> bool:
@@ -161,7 +177,10 @@ class Exchange:
                                  self.header(b"sec-fetch-mode"), self.header(b"x-requested-with"))
 
     def head_complete(self) -> None:
-        self._request_to(BODY)
+        # _request_to(BODY), inlined as on every hot-path transition: same table, no call
+        if not _REQUEST_FROM[BODY] >> self.request & 1:
+            self._illegal_request(BODY)
+        self.request = BODY
 
     # -- 1. start: answer, await, or bind a backend -----------------------------------------
     def start(self) -> None:
@@ -316,7 +335,9 @@ class Exchange:
     def request_complete(self) -> None:
         """The whole request was received."""
         discarding = self.request == DISCARDING
-        self._request_to(RECEIVED)
+        if not _REQUEST_FROM[RECEIVED] >> self.request & 1:  # _request_to(RECEIVED), inlined
+            self._illegal_request(RECEIVED)
+        self.request = RECEIVED
         if discarding:
             if self.response == SENT:
                 self.conn.exchange_done(self)
@@ -367,7 +388,9 @@ class Exchange:
             self.record_response(101, "websocket" if scanned.upgrade.strip().lower()
                                  == b"websocket" else "tunnel")
             return
-        self._response_to(STREAMING)
+        if not _RESPONSE_FROM[STREAMING] >> self.response & 1:  # _response_to, inlined
+            self._illegal_response(STREAMING)
+        self.response = STREAMING
         self.upstream_reusable = self.upgrade is None and up.parser.should_keep_alive()
         mode = self.body
         if mode == LENGTH:
@@ -418,7 +441,9 @@ class Exchange:
 
     def response_finished(self) -> None:
         """The response is complete: the exchange is, too, once the request is."""
-        self._response_to(SENT)
+        if not _RESPONSE_FROM[SENT] >> self.response & 1:  # _response_to(SENT), inlined
+            self._illegal_response(SENT)
+        self.response = SENT
         if self.request == RECEIVED:
             self.conn.exchange_done(self)
         elif self.request == BODY:
@@ -506,7 +531,7 @@ class Exchange:
         ctx = conn.ctx
         # A body still coming is not waited for: answer, then linger-close.
         close = (error.close or not self.keep_alive or self.close_after or ctx.draining
-                 or (self.has_body and not self.request == RECEIVED))
+                 or (self.has_body and self.request != RECEIVED))
         status = error.status
         if self.method == b"OPTIONS" and status >= 400 and not isinstance(
                 error, errors.BadRequest) and self.header(b"access-control-request-method"):

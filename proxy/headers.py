@@ -16,7 +16,8 @@ The rule for what a backend may receive (and, mirrored, what a client may receiv
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 # RFC 9110 7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection).
 HOP_BY_HOP = frozenset({
@@ -208,7 +209,8 @@ def forwarding_lines(scanned: RequestHeaders, client_ip: bytes, proto: bytes, ho
                      trusted: bool) -> bytes:
     """X-Forwarded-For/-Proto/-Host lines: appended to a trusted peer's, replacing anyone else's."""
     if trusted:
-        xff = client_ip if scanned.forwarded_for is None else scanned.forwarded_for + b", " + client_ip
+        xff = (client_ip if scanned.forwarded_for is None
+               else scanned.forwarded_for + b", " + client_ip)
         return (b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: "
                 + (scanned.forwarded_proto or proto) + b"\r\nX-Forwarded-Host: "
                 + (scanned.forwarded_host or host) + b"\r\n")
@@ -258,10 +260,10 @@ def isolate_cookie(value: bytes, own_host: bytes) -> bytes:
     changed = False
     for attribute in parts[1:]:
         name, _, domain = attribute.partition(b"=")
-        if name.strip().lower() == b"domain":
-            if domain.strip().lstrip(b".").lower() != own_host:
-                changed = True
-                continue
+        if (name.strip().lower() == b"domain"
+                and domain.strip().lstrip(b".").lower() != own_host):
+            changed = True
+            continue
         kept.append(attribute)
     return b";".join(kept) if changed else value
 
@@ -306,8 +308,9 @@ def scan_response_headers(headers: Iterable[tuple[bytes, bytes]],
             length = int(value)
             continue
         if lname == b"content-type":
-            event_stream = value[:17].lower() == b"text/event-stream"
-            connect_stream = value[:20].lower() == b"application/connect+"
+            kind = value[:20].lower()
+            event_stream = kind[:17] == b"text/event-stream"
+            connect_stream = kind == b"application/connect+"
         elif lname == b"set-cookie" and request_host is not None:
             if own_host is None:
                 own_host = host_without_port(request_host)

@@ -9,7 +9,8 @@ label must be one of the configured base domains. Pure functions only: no I/O, n
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 
 class BadHost(ValueError):
@@ -22,8 +23,9 @@ class SandboxAddress(NamedTuple):
 
 
 SANDBOX_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")  # ^[a-z0-9]+$
-# What a Host may contain here: DNS names, a :port, bracketed IPv6 literals. Anything else (non-ASCII
-# such as \xa0, which str.strip() and str.lower() would quietly fold away, percent-encoding, `@`)
+# What a Host may contain here: DNS names, a :port, bracketed IPv6 literals. Anything else
+# (non-ASCII such as \xa0, which str.strip() and str.lower() would quietly fold away,
+# percent-encoding, `@`)
 # is refused before any other rule looks at it.
 HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 _HOST_BYTES = "".join(sorted(HOST_CHARS)).encode()

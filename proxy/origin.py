@@ -27,8 +27,8 @@ same-origin one. Pure functions, bytes in and bytes out; proxy/exchange.py calls
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 _AUTHORITY_ENDS = (b"", b"/", b"?", b"#")  # RFC 3986 3.2: what may follow an authority
@@ -117,11 +117,11 @@ def origin_follows_mask(lines: list[bytes], names: Sequence[bytes], scheme: byte
     referer_at = _line_index(lines, names, b"referer", _REFERER)
     if origin_at < 0 and referer_at < 0:
         return None
-    scheme = client_scheme(scheme)
-    public = public_origins(scheme, host) if scheme is not None else None
-    if public is None:
+    used = client_scheme(scheme)
+    public = public_origins(used, host) if used is not None else None
+    if used is None or public is None:
         return None
-    masked = scheme + b"://" + mask
+    masked = used + b"://" + mask
     out = None
     for i, prefix, whole in ((origin_at, _ORIGIN, True), (referer_at, _REFERER, False)):
         if i < 0:

@@ -15,12 +15,13 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Iterable
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from proxy.config import ProxyConfig
+from proxy.config import ListenAddress, ProxyConfig
 from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
 
@@ -47,9 +48,10 @@ class BackendPolicy:
     """Which resolved backend addresses may be connected to (a poisoned registry must not turn
     the proxy into a door into the operator's network)."""
 
-    def __init__(self, allowed_networks, own_listeners):
+    def __init__(self, allowed_networks: Iterable[IPNetwork],
+                 own_listeners: Iterable[ListenAddress | None]):
         self.allowed = tuple(allowed_networks)
-        self.own = [(l.host, l.port) for l in own_listeners if l is not None]
+        self.own = [(a.host, a.port) for a in own_listeners if a is not None]
 
     def check(self, ip: str, port: int) -> str | None:
         """None when allowed, else the reason."""
@@ -63,6 +65,11 @@ class BackendPolicy:
         return None
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# What a lost connection's `parser` becomes: the real one refers back to the protocol.
+_CLOSED_PARSER = HttpResponseParser(object())
+
+
 class UnsolicitedResponse(Exception):
     """The backend sent response bytes that no request of this connection asked for."""
 
@@ -73,9 +80,10 @@ class UpstreamConnection(asyncio.Protocol):
                  "reading_paused", "head_seen", "tunnel_out", "quiet_bytes",
                  "body_left", "feeding", "parked")
 
-    def __init__(self, pool: "UpstreamPool"):
+    def __init__(self, pool: UpstreamPool):
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        # set by connection_made: create_connection hands out only connected instances
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = HttpResponseParser(self)
         self.client: ResponseDestination | None = None  # bound while serving one response
         self.tunnel: Tunnel | None = None  # after a 101
@@ -107,7 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         self.pool.members.add(self)
         self.pool.pools.register(self.pool)  # again: it may have been dropped while connecting
         self.pool.pools.sweeper.watched.add(self)
@@ -151,7 +159,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
         finally:
             client.flush()  # one write for everything this read produced
-            self.end_read()
+            self.feeding = False  # end_read, inlined: once per read
+            if self.parked:
+                self.parked = False
+                self.pool.release(self)
 
     def end_read(self) -> None:
         self.feeding = False
@@ -172,8 +183,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.tunnel.upstream_lost()
         elif self.client is not None:
             self.client.upstream_lost(self)
-        self.client = self.tunnel = None
-        self.parser = self.tunnel_peer = None  # break the parser <-> protocol cycle
+        self.client = self.tunnel = self.tunnel_peer = None
+        self.parser = _CLOSED_PARSER  # break the parser <-> protocol cycle
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -208,7 +219,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.quiet_bytes = 0
         if self.client is None:
             raise UnsolicitedResponse()
-        self.client.response_head(self, self.parser.get_status_code())  # type: ignore[union-attr]
+        self.client.response_head(self, self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
         self.quiet_bytes = 0
@@ -255,17 +266,17 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if not self.reading_paused and not self.closed:
             self.reading_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.closed:
             self.reading_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
@@ -278,7 +289,7 @@ class UpstreamPool:
 
     __slots__ = ("pools", "key", "sandbox_id", "host", "port", "idle", "members")
 
-    def __init__(self, pools: "UpstreamPools", key: tuple[str, str, int]):
+    def __init__(self, pools: UpstreamPools, key: tuple[str, str, int]):
         self.pools = pools
         self.key = key
         self.sandbox_id, self.host, self.port = key
@@ -289,10 +300,11 @@ class UpstreamPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                conn.deadline = 0.0
-                return conn
+            if conn.closed:
+                continue
+            conn.reused = True
+            conn.deadline = 0.0
+            return conn
         return None
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -326,13 +338,14 @@ class UpstreamPool:
         except ValueError:
             infos = await self.pools.loop.getaddrinfo(self.host, self.port,
                                                       type=socket.SOCK_STREAM)
-            candidates = [info[4][0] for info in infos]
-        reason = "no address"
+            candidates = [str(info[4][0]) for info in infos]
+        reasons = ["no address"]
         for ip in candidates:
             reason = policy.check(ip, self.port)
             if reason is None:
                 return ip
-        raise BackendRefused(reason)
+            reasons.append(reason)
+        raise BackendRefused(reasons[-1])
 
     async def connect(self) -> UpstreamConnection:
         """Open a new connection, retrying refused connects with a doubling backoff."""
@@ -351,7 +364,7 @@ class UpstreamPool:
                     _, conn = await loop.create_connection(
                         lambda: UpstreamConnection(self), ip, self.port)
                 stats.connect_duration.observe(monotonic() - started)
-                return conn  # type: ignore[return-value]
+                return conn
             except BackendRefused:
                 stats.connect_failed("not_allowed")
                 if not self.members:

@@ -1,5 +1,6 @@
 """SandboxRecord: one sandbox's routing facts (backend host, port map, Host mask and whether Origin
-follows it, access token, lifecycle state, ingress rules) and the validation every registry kind applies to them."""
+follows it, access token, lifecycle state, ingress rules, public ports, blocked paths, share
+epoch) and the validation every registry kind applies to them."""
 
 from __future__ import annotations
 
