@@ -150,7 +150,8 @@ async def test_same_client_connection_can_address_different_sandboxes(shared_pro
 # Property: the proxy's verdict on any Host matches a small reference model
 # ---------------------------------------------------------------------------
 
-_LABEL = _re.compile(r"([0-9]+)-([a-z0-9]+)")
+# <port>-<id>, or the older <port>-<id>-<clientId> whose client id is ignored (issue 13)
+_LABEL = _re.compile(r"([0-9]+)-([a-z0-9]+)(?:-[a-z0-9-]*)?")
 
 
 def model_verdict(host: str, domains: list[str]):
