@@ -210,7 +210,7 @@ async def create_share(request: web.Request) -> web.Response:
     if found is not None:
         return problem(400, found, found.partition(":")[0])
     domain = body.get("domain", sorted(config.server.domains)[0])
-    if domain not in config.server.domains:
+    if not isinstance(domain, str) or domain not in config.server.domains:
         return problem(400, "domain: not one of [server] domains", "domain")
     record = await _registry(request).get(sandbox_id)
     if record is None:

@@ -369,6 +369,7 @@ ENVIRONMENT_KEYS: dict[str, tuple[str, str, type]] = {
     "SANDBOX_PROXY_ACCESS_LOG": ("log", "access", str),
     "SANDBOX_PROXY_LOG_LEVEL": ("log", "level", str),
     "SANDBOX_PROXY_LOG_FORMAT": ("log", "format", str),
+    "SANDBOX_PROXY_SHARE_KEY": ("access", "share_key", str),
 }
 
 
@@ -659,9 +660,9 @@ def _parse_access(s: _Section) -> AccessConfig:
 
 
 def _share_key(s: _Section) -> str:
-    """`share_key`, or the SANDBOX_PROXY_SHARE_KEY environment variable, which wins (a secret
+    """`share_key` (SANDBOX_PROXY_SHARE_KEY in ENVIRONMENT_KEYS wins over the file: a secret
     belongs in the environment of a container, not in a mounted file)."""
-    key = os.environ.get("SANDBOX_PROXY_SHARE_KEY") or s.get("share_key", "", str)
+    key: str = s.get("share_key", "", str)
     if key and len(key.encode()) < MIN_SHARE_KEY_BYTES:
         raise s.fail("share_key", f"must be at least {MIN_SHARE_KEY_BYTES} bytes (or empty)")
     return key

@@ -64,8 +64,12 @@ def main(argv: list[str]) -> int:
     domain = args.domain or sorted(config.server.domains)[0]
     try:
         epoch = asyncio.run(_share_epoch(config, args.sandbox))
-    except (ConfigError, OSError, TimeoutError) as exc:
-        print(f"sandbox-proxy share: registry: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"sandbox-proxy share: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a store that cannot be reached (Redis, DNS): any client error
+        print(f"sandbox-proxy share: registry unavailable: {exc or type(exc).__name__}",
+              file=sys.stderr)
         return 1
     if epoch is None:
         print(f"sandbox-proxy share: no sandbox {args.sandbox!r} in the registry",

@@ -401,3 +401,39 @@ async def test_unblocked_paths_and_other_ports_pass(proxy, backend):
                        ("49983-daemon.localhost", "/files/init"),
                        ("3000-daemon.localhost", "/init")):
         assert (await fetch(p, path, host=host)).status == 200, (host, path)
+
+
+def test_share_cli_with_an_unreachable_registry_is_a_clean_error(tmp_path):
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[registry]\nkind = "redis"\nurl = "redis://127.0.0.1:{free_port()}/0"\n'
+                      f'timeout = 0.5\n[access]\nshare_key = "{SHARE_KEY}"\n')
+    r = run_cli(["share", "--config", str(config), "--sandbox", "locked", "--port", "3000",
+                 "--ttl", "60"])
+    assert r.returncode == 1, r.stderr
+    assert "registry unavailable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_share_key_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+    config = tmp_path / "proxy.toml"
+    config.write_text("")
+    env = dict(os.environ, SANDBOX_PROXY_SHARE_KEY="short")
+    r = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--check"],
+                       capture_output=True, text=True, env=env, timeout=20)
+    assert r.returncode == 2 and "SANDBOX_PROXY_SHARE_KEY" in r.stderr, r.stderr
+
+
+async def test_admin_share_rejects_a_domain_that_is_not_a_string(proxy, backend):
+    admin_port = free_port()
+    proxy({"locked": shared_box(backend.port)},
+          config={"access": {"share_key": SHARE_KEY},
+                  "admin": {"listen": f"127.0.0.1:{admin_port}",
+                            "token": "admin-token-0123456789abcdef"}})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{admin_port}/sandboxes/locked/shares",
+                                json={"port": 3000, "ttl": 60, "domain": ["x"]},
+                                headers={"Authorization": "Bearer admin-token-0123456789abcdef"},
+                                ) as r:
+            assert r.status == 400 and (await r.json())["field"] == "domain"
