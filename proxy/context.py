@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from proxy import share
 from proxy.accesslog import AccessLog
 from proxy.config import ProxyConfig
+from proxy.pools import UpstreamPools
 from proxy.registry import Registry
 from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
-from proxy.upstream import UpstreamPools
 
 
 @dataclass

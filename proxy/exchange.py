@@ -39,13 +39,14 @@ from proxy.http1 import (
     response_framing,
     status_line,
 )
+from proxy.pools import BackendRefused, ConnectFailed
 from proxy.registry.resume import ResumeFailed, ResumeRefused
-from proxy.upstream import BackendRefused, ConnectFailed
 
 if TYPE_CHECKING:
     from proxy.destination import ClientSide
+    from proxy.pools import UpstreamPool
     from proxy.registry import SandboxRecord
-    from proxy.upstream import UpstreamConnection, UpstreamPool
+    from proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("sandbox_proxy.exchange")
 

@@ -39,6 +39,7 @@ from proxy.config import ConfigError, ListenAddress, ProxyConfig, reload_config
 from proxy.context import EdgeContext
 from proxy.listener import EdgeListener
 from proxy.metrics import metrics_app
+from proxy.pools import UpstreamPools
 from proxy.registry import (
     Registry,
     counts_reloads,
@@ -49,7 +50,6 @@ from proxy.registry import (
 from proxy.stats import Snapshot, Stats, merge, process_usage
 from proxy.timeouts import DeadlineSweeper
 from proxy.tls import CertificateStore
-from proxy.upstream import UpstreamPools
 
 log = logging.getLogger("sandbox_proxy")
 
