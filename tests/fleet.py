@@ -367,6 +367,12 @@ def core_records(backend_port: int, refused_port: int) -> dict[str, dict]:
         "refused": {"host": "127.0.0.1", "ports": {"3000": refused_port}},
         "secured": {"host": "127.0.0.1", "ports": ports,
                     "traffic_access_token_sha256": hashlib.sha256(CORE_TOKEN.encode()).hexdigest()},
+        # issues 13 and 15: ingress rules, lifecycle state, public ports, blocked paths, epochs
+        "fenced": {"host": "127.0.0.1", "ports": ports, "allowed_clients": ["10.0.0.0/8"]},
+        "sleepy": {"host": "127.0.0.1", "ports": ports, "state": "paused"},
+        "daemon": {"host": "127.0.0.1", "ports": ports, "public_ports": [3000],
+                   "traffic_access_token_sha256": hashlib.sha256(CORE_TOKEN.encode()).hexdigest(),
+                   "blocked_paths": {"3000": ["/init"]}, "share_epoch": 2},
     }
 
 
@@ -411,6 +417,15 @@ async def check_core_scenarios(p) -> None:
     r = await fetch(p, "/echo", host="3000-secured.localhost",
                     headers={"e2b-traffic-access-token": CORE_TOKEN})
     assert r.status == 200
+
+    r = await fetch(p, "/echo", host="3000-fenced.localhost")
+    assert r.status == 403 and r.json()["clientIp"] == "127.0.0.1", r.body
+    r = await fetch(p, "/echo", host="3000-sleepy.localhost")
+    assert r.status == 409 and r.json()["message"] == "The sandbox is paused", r.body
+    r = await fetch(p, "/echo", host="3000-daemon.localhost")  # a public port: no token
+    assert r.status == 200, r.body
+    r = await fetch(p, "/init/x", host="3000-daemon.localhost")
+    assert r.status == 404 and r.json()["path"] == "/init/x", r.body
 
     async with connect(f"ws://3000-demo.localhost:{p.port}/ws", host="127.0.0.1", port=p.port,
                        proxy=None, open_timeout=10, close_timeout=3) as ws:

@@ -47,6 +47,16 @@ def txt_for(record: dict) -> list[str]:
         strings.append(f"mask-origin={str(record['mask_origin']).lower()}")
     if "traffic_access_token_sha256" in record:
         strings.append("token-sha256=" + record["traffic_access_token_sha256"])
+    if "state" in record:
+        strings.append("state=" + record["state"])
+    if "allowed_clients" in record:
+        strings.append("allowed-clients=" + ",".join(record["allowed_clients"]))
+    if "public_ports" in record:
+        strings.append("public-ports=" + ",".join(map(str, record["public_ports"])))
+    for port, paths in record.get("blocked_paths", {}).items():
+        strings.append(f"blocked-paths:{port}=" + ",".join(paths))
+    if "share_epoch" in record:
+        strings.append(f"share-epoch={record['share_epoch']}")
     return strings
 
 

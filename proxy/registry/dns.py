@@ -15,6 +15,9 @@ validated like every other record (proxy/registry/record.py):
     auto-resume=true            -> auto_resume
     allowed-clients=10.0.0.0/8,192.0.2.7   -> allowed_clients (every port)
     allowed-clients:3000=203.0.113.0/24    -> allowed_clients for port 3000
+    public-ports=3000,8080                 -> public_ports
+    blocked-paths:49983=/init,/upgrade     -> blocked_paths for port 49983
+    share-epoch=2                          -> share_epoch
     mask-origin=false           -> mask_origin (default: [upstream] mask_origin)
 
 An unknown key makes the record invalid and the sandbox is answered as not found (fail closed:
@@ -211,6 +214,17 @@ def txt_settings(rrset: dns.rrset.RRset) -> dict[str, Any]:
             if sep and (key == "allowed-clients" or key.startswith("allowed-clients:")):
                 _add_ingress_rule(settings, key.partition(":")[2] or "*", value)
                 continue
+            if sep and key.startswith("blocked-paths:"):
+                paths = settings.setdefault("blocked_paths", {})
+                if isinstance(paths, dict):
+                    paths.setdefault(key.partition(":")[2], []).extend(_items(value))
+                continue
+            if sep and key == "public-ports":
+                settings["public_ports"] = [int(p) if p.isdigit() else p for p in _items(value)]
+                continue
+            if sep and key == "share-epoch":
+                settings["share_epoch"] = int(value) if value.strip().isdigit() else value
+                continue
             if not sep or key not in TXT_KEYS:
                 # an unknown key reaches record_from_mapping, which rejects it by name
                 settings[f"txt {text.strip()!r}"] = True
@@ -226,12 +240,16 @@ def txt_settings(rrset: dns.rrset.RRset) -> dict[str, Any]:
     return settings
 
 
+def _items(value: str) -> list[str]:
+    """A TXT list value: comma- or space-separated."""
+    return [v for v in (v.strip() for v in value.replace(" ", ",").split(",")) if v]
+
+
 def _add_ingress_rule(settings: dict[str, Any], port: str, value: str) -> None:
     """`allowed-clients=<cidr>,<cidr>` (every port) or `allowed-clients:<port>=...`."""
     rules = settings.setdefault("allowed_clients", {})
     if isinstance(rules, dict):
-        rules.setdefault(port, []).extend(
-            filter(None, (v.strip() for v in value.replace(" ", ",").split(","))))
+        rules.setdefault(port, []).extend(_items(value))
 
 
 def _port_map(value: str) -> dict[str, int] | str:
