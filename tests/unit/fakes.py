@@ -270,7 +270,11 @@ class Edge:
 
 def open_edge(tmp_path: Path, config: dict[str, dict[str, Any]] | None = None,
               sandboxes: dict[str, dict[str, Any]] | None = None, **transport: Any) -> Edge:
-    ctx = make_context(tmp_path, config, sandboxes)
+    return connect_client(make_context(tmp_path, config, sandboxes), **transport)
+
+
+def connect_client(ctx: EdgeContext, **transport: Any) -> Edge:
+    """A client connection accepted by the process `ctx` belongs to."""
     conn = ClientConnection(ctx)
     t = FakeTransport(**transport)
     t.set_protocol(conn)

@@ -11,7 +11,16 @@ from proxy.edge import HEADER_DUE, IDLE_DUE, LINGER_DUE, NO_DEADLINE, PROBE_DUE
 from proxy.exchange import BODY, RECEIVED, SENT, TUNNEL, WAITING
 from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM
 
-from .fakes import FakeTransport, expire, open_edge, request, response, status_of, tick
+from .fakes import (
+    FakeTransport,
+    connect_client,
+    expire,
+    open_edge,
+    request,
+    response,
+    status_of,
+    tick,
+)
 
 WS_HEADERS = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
               ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]
@@ -388,6 +397,27 @@ async def test_request_states_as_the_head_and_body_arrive(tmp_path):
     assert e.conn.feed is None
     b.send(response())
     assert (ex.request, ex.response) == (RECEIVED, SENT) and ex.ended
+
+
+async def test_drain_closes_idle_connections_and_lets_active_ones_finish(tmp_path):
+    idle = open_edge(tmp_path)
+    idle.conn.drain()
+    assert idle.transport.closed
+    e = open_edge(tmp_path)
+    (b,) = e.seed()
+    e.send(request())
+    e.conn.drain()
+    assert not e.transport.closing
+    b.send(response())
+    assert b"Connection: close\r\n" in e.transport.data and e.transport.eof_written
+
+
+async def test_connections_over_the_limit_are_answered_503(tmp_path):
+    e = open_edge(tmp_path, config={"limits": {"max_connections": 1}})
+    extra = connect_client(e.ctx)
+    assert status_of(extra.transport.data) == 503
+    assert b"Connection: close\r\n" in extra.transport.data
+    assert e.transport.writes == []
 
 
 async def test_fake_transport_delivers_connection_lost_once(tmp_path):
