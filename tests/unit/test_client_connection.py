@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from proxy.edge import HEADER_DUE, IDLE_DUE, LINGER_DUE, NO_DEADLINE, PROBE_DUE
-from proxy.exchange import BODY, RECEIVED, SENT, TUNNEL, WAITING
+from proxy.exchange import BODY, HEAD, RECEIVED, SENT, TUNNEL, WAITING
 from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM
 
 from .fakes import (
@@ -233,6 +233,31 @@ async def test_upgrade_accepted_with_101_sends_the_held_bytes_raw(tmp_path):
     assert len(e.records) == 0  # a stream is accounted for when it ends
 
 
+async def test_upgrade_answered_by_the_proxy_parses_the_held_bytes(tmp_path):
+    e = open_edge(tmp_path)
+    (b,) = e.seed()
+    e.send(request("GET", "/ws", host=b"3000-nosuch.localhost", headers=WS_HEADERS)
+           + request("GET", "/next"))
+    assert b.transport.data.startswith(b"GET /next ")
+    b.send(response())
+    assert [r["status"] for r in e.records] == [502, 200]
+
+
+async def test_tunnel_backpressure_both_ways(tmp_path):
+    e = open_edge(tmp_path)
+    (b,) = e.seed()
+    e.send(request("GET", "/ws", headers=WS_HEADERS))
+    b.send(SWITCH)
+    e.transport.fill()
+    assert not b.transport.reading
+    e.transport.drain()
+    assert b.transport.reading
+    b.transport.fill()
+    assert not e.transport.reading and e.conn.gate.reasons == PEER_FULL
+    b.transport.drain()
+    assert e.transport.reading
+
+
 async def test_upgrade_without_a_backend_answer_holds_everything(tmp_path):
     e = open_edge(tmp_path)
     (b,) = e.seed()
@@ -255,6 +280,35 @@ async def test_header_deadline_answers_408(tmp_path):
     assert b"Connection: close\r\n" in e.transport.data
     assert e.transport.eof_written and e.conn.deadline_kind == LINGER_DUE
     assert [r["status"] for r in e.records] == [408]
+
+
+async def test_partial_pipelined_head_gets_a_header_deadline_once_in_front(tmp_path):
+    # BUG (fails today): the partial head came in the read that completed the request in
+    # front, so on_headers_complete cleared the deadline, and exchange_done sets none for a
+    # queued request whose head is incomplete: the connection stays open with no deadline.
+    e = open_edge(tmp_path)
+    (b,) = e.seed()
+    e.send(request("GET", "/1") + b"GET /2 HTTP/1.1\r\nHost: 3000-")
+    b.send(response())
+    assert e.conn.active is not None and e.conn.active.request == HEAD
+    assert e.conn.deadline_kind == HEADER_DUE
+
+
+async def test_header_deadline_of_a_pipelined_head_does_not_answer_the_request_in_front(
+        tmp_path):
+    # BUG (fails today): /1 is complete and waits for its backend (upstream_header 60 s); the
+    # header deadline armed by the partial /2 (client_header 10 s) answers /1 with 408 "Request
+    # header timed out", leaving the backend bound to an answered exchange: its late answer
+    # then raises StateError (SENT -> STREAMING) inside llhttp ("User callback error").
+    e = open_edge(tmp_path)
+    (b,) = e.seed()
+    e.send(request("GET", "/1"))
+    e.send(b"GET /2 HTTP/1.1\r\nHost: 3000-")
+    expire(e.conn)
+    assert b" 408 " not in e.transport.data
+    b.send(response(body=b"late"))
+    assert status_of(e.transport.data) == 200 and e.transport.data.endswith(b"late")
+    assert [(r["target"], r["status"]) for r in e.records][:1] == [(b"/1", 200)]
 
 
 async def test_header_deadline_on_a_silent_new_connection_just_closes(tmp_path):
