@@ -12,7 +12,7 @@ from proxy import share
 from proxy.accesslog import AccessLog
 from proxy.config import ProxyConfig
 from proxy.pools import UpstreamPools
-from proxy.registry import Registry
+from proxy.registry import Registry, can_resume
 from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
 
@@ -35,7 +35,7 @@ class EdgeContext:
     activity_seen: dict | None = None
 
     def __post_init__(self) -> None:
-        self.can_resume = hasattr(self.registry, "resume")  # [registry] resume_url is set
+        self.can_resume = can_resume(self.registry)  # [registry] resume_url is set
         self.apply(self.config)
 
     def apply(self, c: ProxyConfig) -> None:

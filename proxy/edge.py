@@ -29,6 +29,7 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
+from typing import cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -53,6 +54,9 @@ class Deadline(enum.Enum):
     PROBE = 4   # reading is paused by a full backend: check the client is still there
 
 
+# What a lost connection's `parser` becomes: the real one refers back to the protocol.
+_CLOSED_PARSER = HttpRequestParser(object())
+
 # Module-level names for the members: global lookups are cheaper than enum attributes (3.11).
 NO_DEADLINE, HEADER_DUE, IDLE_DUE, LINGER_DUE, PROBE_DUE = Deadline
 
@@ -71,9 +75,11 @@ class ClientConnection(asyncio.Protocol):
         self.ctx = ctx
         self.proxied_ip = client_ip
         self.loop = ctx.loop
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        # Both set by connection_made, before any other callback: the loop makes a protocol and
+        # connects it in one step, so they are never None when used.
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: ReadGate = None  # type: ignore[assignment]
-        self.parser: HttpRequestParser | None = HttpRequestParser(self)
+        self.parser = HttpRequestParser(self)
         self.client_ip = b"-"
         self.trusted = False
         self.host_cache: dict = {}
@@ -107,7 +113,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         self.gate = ReadGate(self.transport)
         ctx = self.ctx
         ip = self.proxied_ip
@@ -129,14 +135,17 @@ class ClientConnection(asyncio.Protocol):
             feed(data)
             return
         if self.in_head:
-            if not self.head_bytes:  # set_deadline, inlined: once per request
+            # A head's clock starts with its first byte, for the request in front only: a head
+            # pipelined behind one still being served gets its clock when it reaches the front
+            # (exchange_done), or its timeout would answer the request in front.
+            if not self.head_bytes and self.active is None:  # set_deadline, inlined
                 self.deadline_kind = HEADER_DUE
                 self.deadline = self.loop.time() + self.ctx.client_header_timeout
             self.head_bytes += len(data)
         self.quiet_bytes += len(data)
         self.feeding = True
         try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]
+            self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self.feeding = False
             self.hold_after_upgrade(data[exc.args[0]:])
@@ -184,7 +193,8 @@ class ClientConnection(asyncio.Protocol):
         # Break the reference cycles (parser <-> protocol, tunnel, errors' tracebacks) so a
         # closed connection is freed at once, not at the next full garbage collection.
         self.active = self.parsing = self.queued = self.ready = self.upgrading = None
-        self.parser = self.tunnel = self.head_error = self.pending_error = None
+        self.parser = _CLOSED_PARSER
+        self.tunnel = self.head_error = self.pending_error = None
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -220,11 +230,15 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(data[left:])
 
     def feed_held(self, data: bytes) -> None:
-        self.held.append(data)  # type: ignore[union-attr]
+        held = self.held
+        assert held is not None  # this mode is entered with a list (hold_after_upgrade)
+        held.append(data)
 
     def feed_tunnel(self, data: bytes) -> None:
+        peer = self.tunnel_peer
+        assert peer is not None  # this mode is entered with a peer (start_tunnel)
         self.tunnel_in += len(data)
-        self.tunnel_peer.write(data)  # type: ignore[union-attr]
+        peer.write(data)
 
     def feed_nothing(self, data: bytes) -> None:
         pass
@@ -265,9 +279,10 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
-        ex.target += url  # type: ignore[union-attr]
-        ex.head_size += len(url)  # type: ignore[union-attr]
-        if ex.head_size > self.ctx.max_request_line:  # type: ignore[union-attr]
+        assert ex is not None  # llhttp calls on_message_begin first
+        ex.target += url
+        ex.head_size += len(url)
+        if ex.head_size > self.ctx.max_request_line:
             self.head_error = errors.UriTooLong("Request URI is too long")
             raise self.head_error
 
@@ -296,7 +311,6 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         parser = self.parser
-        assert parser is not None
         self.in_head = False
         self.head_bytes = self.quiet_bytes = 0
         self.deadline_kind = NO_DEADLINE  # clear_deadline, inlined: once per request
@@ -361,6 +375,8 @@ class ClientConnection(asyncio.Protocol):
                     self.ready = nxt  # llhttp has not finished with this read yet
                 else:
                     nxt.start()
+            else:  # its head is still coming: its clock starts now
+                self.set_deadline(HEADER_DUE, self.ctx.client_header_timeout)
         elif self.pending_error is not None:
             error, self.pending_error = self.pending_error, None
             Exchange(self).answer(error)  # a BadRequest: it closes

@@ -40,6 +40,7 @@ from proxy.http1 import (
     status_line,
 )
 from proxy.pools import BackendRefused, ConnectFailed
+from proxy.registry import can_resume
 from proxy.registry.resume import ResumeFailed, ResumeRefused
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ class Exchange:
     async def finish_routing(self) -> None:
         """The registry answers asynchronously (a remote store): await it, then admit."""
         try:
-            record = await self.lookup  # type: ignore[misc]
+            record = await self.lookup if self.lookup is not None else None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -230,9 +231,11 @@ class Exchange:
         """Wake the admitted request's sandbox, then admit the request again (the running
         record may point elsewhere) and send it on."""
         conn = self.conn
+        registry = conn.ctx.registry
         try:
-            woken = await conn.ctx.registry.resume(  # type: ignore[attr-defined]
-                self.sandbox_id, self.port, self.record.state)  # type: ignore[union-attr]
+            if not can_resume(registry) or self.record is None:  # admit set both, or no resume
+                raise errors.ResumeFailed(self.sandbox_id)
+            woken = await registry.resume(self.sandbox_id, self.port, self.record.state)
             if woken is None:
                 raise errors.SandboxNotFound(self.sandbox_id)
             if not conn.closed:
@@ -465,8 +468,7 @@ class Exchange:
         log.info("invalid response from %s:%s of sandbox %s: %s", up.pool.host, up.pool.port,
                  up.pool.sandbox_id, reason)
         self.unbind(up, reuse=False)
-        self.outcome = "upstream_invalid"
-        self.answer(errors.UpstreamInvalid(self.sandbox_id, self.port))
+        self.answer(errors.UpstreamInvalid(self.sandbox_id, self.port))  # outcome: its name
 
     # -- 4. the backend goes away, stays silent, or switches protocols -----------------------
     def upstream_lost(self, up: UpstreamConnection) -> None:

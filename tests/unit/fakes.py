@@ -21,10 +21,11 @@ from proxy.accesslog import AccessLog
 from proxy.config import load_config
 from proxy.context import EdgeContext
 from proxy.edge import ClientConnection
+from proxy.pools import UpstreamPool, UpstreamPools
 from proxy.registry.static import StaticRegistry
 from proxy.stats import Stats
 from proxy.timeouts import DeadlineSweeper
-from proxy.upstream import UpstreamConnection, UpstreamPool, UpstreamPools
+from proxy.upstream import UpstreamConnection
 
 SANDBOX = "demo"
 PORT = 3000
