@@ -168,6 +168,8 @@ def admit(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, client_ip: byte
         ex.record = record
         return
     ex.resume = False
+    if ctx.query_credentials and b"?" in ex.target:  # ports without a token check too
+        ex.target = _query_credential(ex.target, ctx.query_credentials)[2]
     scanned = ex.scanned
     assert scanned is not None  # route_request scanned the head
     if ctx.strip_cookies:  # credential cookies never reach a backend
@@ -233,7 +235,7 @@ def check_token(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, trusted: 
     header_name = ctx.token_header_name
     access = ctx.config.access
     if access.browser_cookie:
-        values, location = _query_credential(ex.target, ctx.query_parameter)
+        values, location, _ = _query_credential(ex.target, (ctx.query_parameter,))
         if values:
             given = values[0]
             if (any(v != given for v in values) or not given
@@ -242,7 +244,7 @@ def check_token(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, trusted: 
             raise _accepted(ctx, ex, trusted, location, ctx.cookie_name, given)
     share_key = ctx.share_key
     if share_key is not None:
-        values, location = _query_credential(ex.target, share.QUERY_PARAMETER)
+        values, location, _ = _query_credential(ex.target, (share.QUERY_PARAMETER,))
         if values:
             link = values[0]
             if any(v != link for v in values) or not share.valid(
@@ -279,22 +281,36 @@ def _same_site_path(path: bytes) -> bytes:
     return b"/" + rest if len(rest) != len(path) or not path else path
 
 
-def _query_credential(target: bytes, name: bytes) -> tuple[list[bytes], bytes]:
-    """The values of query parameter `name` and the target without it, as a same-site Location.
+def _query_name(key: bytes) -> bytes:
+    """A query parameter's name as the backend's framework may read it: percent-decoded, any
+    case, `[]` dropped (Express `qs`, PHP), `.` and space read as `_` (PHP)."""
+    name = _percent_decoded(key).lower()
+    if name.endswith(b"[]"):
+        name = name[:-2]
+    return name.replace(b".", b"_").replace(b" ", b"_")
 
-    Names are compared percent-decoded (`access%5Ftoken` is the same parameter to the backend's
-    framework); every occurrence is removed."""
+
+def _query_credential(target: bytes, names: tuple[bytes, ...],
+                      ) -> tuple[list[bytes], bytes, bytes]:
+    """The values of the query parameters `names` (lower case), the target without them as a
+    same-site Location, and the target without them as it is forwarded.
+
+    Names are compared as `_query_name` reads them; pairs split on `&` and on `;` (which older
+    parsers also treat as a separator); every occurrence is removed."""
     path, question, query = target.partition(b"?")
     if not question:
-        return [], target
+        return [], target, target
     kept, values = [], []
-    for pair in query.split(b"&"):
+    for pair in query.replace(b";", b"&").split(b"&"):
         key, _, value = pair.partition(b"=")
-        if _percent_decoded(key) == name:
+        if _query_name(key) in names:
             values.append(value)
         else:
             kept.append(pair)
-    return values, _same_site_path(path) + (b"?" + b"&".join(kept) if kept else b"")
+    if not values:
+        return [], target, target
+    rest = b"?" + b"&".join(kept) if kept else b""
+    return values, _same_site_path(path) + rest, path + rest
 
 
 def _accepted(ctx: EdgeContext, ex: Exchange, trusted: bool, location: bytes, name: bytes,

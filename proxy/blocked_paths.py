@@ -4,8 +4,9 @@ A record's `blocked_paths` (port -> path prefixes, such as `/init` on the in-san
 port) are answered 404 by the proxy. A prefix is blocked under every spelling a backend could
 normalize to it, since frameworks differ in what they decode: percent-encoding (also applied
 twice), `\\` for `/`, repeated slashes, dot segments (RFC 3986 5.2.4), `;parameters` on a segment,
-and letter case. Matching is by whole segments: `/init` blocks `/init` and `/init/x`, not
-`/initial`. Pure functions; no I/O.
+and letter case; and the path as sent, dot segments kept, since routers that match the raw
+path send `/init/../x` to `/init`'s handler. Matching is by whole segments: `/init` blocks
+`/init` and `/init/x`, not `/initial`. Pure functions; no I/O.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
-def _canonical(path: str) -> str:
+def _collapsed(path: str) -> str:
     path = path.replace("\\", "/")
     if not path.startswith("/"):
         path = "/" + path
     while "//" in path:
         path = path.replace("//", "/")
-    return _remove_dot_segments(path).lower()
+    return path.lower()
+
+
+def _canonical(path: str) -> str:
+    return _remove_dot_segments(_collapsed(path))
 
 
 def path_spellings(target: bytes) -> set[str]:
@@ -41,9 +46,14 @@ def path_spellings(target: bytes) -> set[str]:
     spellings = set()
     for _ in range(3):  # encoded, decoded, decoded twice
         text = raw.decode("latin-1")
-        canonical = _canonical(text)
-        spellings.add(canonical)
-        spellings.add(_canonical("/".join(s.partition(";")[0] for s in text.split("/"))))
+        unparamed = "/".join(s.partition(";")[0] for s in text.split("/"))
+        for spelling in (text, unparamed):
+            spellings.add(_canonical(spelling))
+            # As sent, dot segments kept: a router matching the raw path sends `/init/../x`
+            # to its `/init` route; also with only the `.` segments dropped (`/./init/../x`).
+            collapsed = _collapsed(spelling)
+            spellings.add(collapsed)
+            spellings.add("/".join(s for s in collapsed.split("/") if s != ".") or "/")
         decoded = urllib.parse.unquote_to_bytes(raw)
         if decoded == raw:
             break

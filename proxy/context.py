@@ -59,15 +59,19 @@ class EdgeContext:
         self.private_headers = (frozenset() if c.access.forward_token
                                 else frozenset({self.token_header}))
         self.cookie_name = c.access.cookie_name.encode()
-        self.query_parameter = c.access.query_parameter.encode()
+        self.query_parameter = c.access.query_parameter.lower().encode()
         self.share_key = c.access.share_key.encode() if c.access.share_key else None
         # credential cookies are removed from what backends see
         strip = []
         if c.access.browser_cookie and not c.access.forward_token:
-            strip.append(self.cookie_name)
+            strip.append(self.cookie_name.lower())
         if self.share_key is not None:
             strip.append(share.COOKIE_NAME)
         self.strip_cookies = tuple(strip)
+        # query parameters carrying credentials: never forwarded, whatever the port
+        self.query_credentials = tuple(
+            ([self.query_parameter] if c.access.browser_cookie else [])
+            + ([share.QUERY_PARAMETER] if self.share_key is not None else []))
         self.isolate_cookies = c.access.isolate_cookies
         self.header_routing = c.routing.header_routing
         self.sandbox_id_header = c.routing.sandbox_id_header.lower().encode()

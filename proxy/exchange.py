@@ -364,7 +364,7 @@ class Exchange:
         framing = b""
         try:
             scanned = scan_response_headers(
-                up.headers, self.host if ctx.isolate_cookies and status >= 200 else None)
+                up.headers, self.host if ctx.isolate_cookies else None)  # 1xx and 101 too
             if status >= 200 and status != 101:
                 self.backend, self.body, framing = response_framing(
                     self.method, status, scanned, self.http11)

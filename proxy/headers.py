@@ -172,7 +172,9 @@ def without_cookie(lines: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
             out.append(line)
             continue
         pairs = [p.strip() for p in line[7:-2].split(b";")]
-        kept = [p for p in pairs if p and p.partition(b"=")[0].strip() not in names]
+        # names compared in any case: a backend that reads cookie names case-insensitively
+        # must not find the credential under another spelling either
+        kept = [p for p in pairs if p and p.partition(b"=")[0].strip().lower() not in names]
         if kept:
             out.append(b"Cookie: " + b"; ".join(kept) + b"\r\n")
     return out

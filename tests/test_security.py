@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from conftest import (IncompleteResponse, RawConn, build_request, fetch, header_value,
-                      header_values, launch_proxy)
+                      header_values, launch_proxy, raw_backend)
 from recording_backend import GZIP_PAYLOAD, RecordingBackend, RecordingFleet, ReceivedRequest
 
 TOKEN = "s3cret-Token_1"
@@ -1019,3 +1019,81 @@ async def test_body_after_a_head_response_never_reaches_the_next_request(edge, r
     got = [r1] + await responses_on(conn, 1)
     assert [r.header("X-Test-Id") for r in got] == [mk, mk2], describe(got)
     assert got[1].body == f"{sbx.backend.name}:{mk2}".encode()
+
+
+# -- found by the outside attack on the fixes (second round) --------------------------------------
+
+SHARE_KEY_FOR_TESTS = "share-key-0123456789abcdef"
+QUERY_SPELLINGS = ["access_token", "ACCESS_TOKEN", "access%5Ftoken", "access_token[]",
+                   "access.token", "access%2etoken", "access+token", "access%20token"]
+
+
+@pytest.mark.parametrize("spelling", QUERY_SPELLINGS)
+@pytest.mark.parametrize("host", ["49983-locked.localhost", "3000-open.localhost"])
+@pytest.mark.parametrize("separator", ["&", ";"])
+async def test_query_credentials_never_reach_a_backend_on_any_port(proxy, backend, spelling,
+                                                                   host, separator):
+    """Ports without a token check (exempt ports, open sandboxes) still never see the
+    credential parameters, under spellings frameworks read as them."""
+    p = proxy(secured(backend.port), config={"access": {"browser_cookie": True,
+                                                        "share_key": SHARE_KEY_FOR_TESTS}})
+    target = f"/echo?a=1{separator}{spelling}={TOKEN}{separator}share=x.1.2.3.sig&b=2"
+    conn = await RawConn.open(p.port)
+    try:
+        r = await conn.request("GET", target, host)
+    finally:
+        await conn.aclose()
+    assert r.status == 200, r.body
+    forwarded = r.json()["raw_path"]
+    assert TOKEN not in forwarded and "share=" not in forwarded, forwarded
+    assert "a=1" in forwarded and "b=2" in forwarded
+
+
+@pytest.mark.parametrize("name", ["sandbox-access-token", "Sandbox-Access-Token",
+                                  "SANDBOX-ACCESS-TOKEN", "sandbox-share", "Sandbox-Share"])
+async def test_credential_cookies_are_removed_in_any_case(proxy, backend, name):
+    p = proxy(secured(backend.port), config={"access": {"browser_cookie": True,
+                                                        "share_key": SHARE_KEY_FOR_TESTS}})
+    r = await fetch(p, "/echo", host="3000-open.localhost",
+                    headers={"Cookie": f"keep=1; {name}=secret-value"})
+    assert r.status == 200
+    assert header_value(r.json(), "Cookie") == "keep=1"
+
+
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+    b"Set-Cookie: planted=1; Domain=localhost; Path=/\r\n\r\n",
+    b""])
+async def test_cookie_isolation_covers_interim_and_switching_responses(proxy, interim):
+    """A sandbox cannot plant parent-domain cookies through a 1xx or a 101 either."""
+    async def handler(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"upgrade: websocket" in head.lower():
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\nSet-Cookie: planted=1; Domain=localhost\r\n\r\n")
+        else:
+            writer.write(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                         b"Set-Cookie: planted=2; Domain=.localhost\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+    async with raw_backend(handler) as port:
+        p = proxy({"open": {"host": "127.0.0.1", "ports": {3000: port}}})
+        for upgrade in (False, True):
+            extra = ("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n") if upgrade else ""
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+            writer.write(f"GET / HTTP/1.1\r\nHost: 3000-open.localhost\r\n{extra}\r\n".encode())
+            await writer.drain()
+            received = b""
+            try:
+                while b"planted" not in received or not received.endswith((b"ok", b"\r\n\r\n")):
+                    chunk = await asyncio.wait_for(reader.read(4096), 2)
+                    if not chunk:
+                        break
+                    received += chunk
+            except TimeoutError:
+                pass
+            writer.close()
+            assert b"planted" in received, received
+            assert b"Domain" not in received, received
