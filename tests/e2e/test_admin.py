@@ -15,13 +15,14 @@ import openapi_spec_validator
 import pytest
 from openapi_schema_validator import OAS30Validator
 
-from conftest import fetch, free_port, not_found_body, registry_toml
-from fleet import closed_within, redis_server, ws_connect  # noqa: F401 - a fixture
 from proxy.admin import OPENAPI_PATH, admin_app, start_admin
 from proxy.config import ConfigError, ListenAddress, RegistryConfig, load_config
 from proxy.registry.dns import DnsRegistry
 from proxy.registry.redis_store import RedisRegistry
 from proxy.registry.static import StaticRegistry
+from support.fleet import closed_within, redis_server, ws_connect  # noqa: F401 - a fixture
+from support.process import free_port, registry_toml
+from support.raw_http import fetch, not_found_body
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
-import app_servers
-import chromium
-from app_servers import AppProcess
-from conftest import ProxyProcess, launch_proxy
+from support import app_servers, chromium
+from support.app_servers import AppProcess
+from support.process import ProxyProcess, launch_proxy
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -35,12 +35,13 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (ProxyProcess, fetch, free_port, header_value, launch_proxy, registry_toml,
-                      standard_registry, to_toml, wait_ready, wait_until)
-from fleet import redis_server  # noqa: F401 - a fixture
 from proxy.config import ListenAddress, ProxyConfig, load_config
+from support.fleet import redis_server  # noqa: F401 - a fixture
+from support.process import (ProxyProcess, free_port, launch_proxy, registry_toml,
+                             standard_registry, to_toml, wait_ready, wait_until)
+from support.raw_http import fetch, header_value
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 PROMETHEUS = REPO / "config" / "prometheus.yml"

@@ -13,18 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    default_config,
-    fetch,
-    free_port,
-    launch_proxy,
-    listening_ports,
-    not_found_body,
-    port_is_open,
-    registry_toml,
-    run_cli,
-    to_toml,
-)
+from support.process import (default_config, free_port, launch_proxy, listening_ports, port_is_open,
+                             registry_toml, run_cli, to_toml)
+from support.raw_http import fetch, not_found_body
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,15 +7,9 @@ import time
 
 import pytest
 
-from backends import ThreadedBackend
-from conftest import (
-    BROWSER_ACCEPT,
-    BROWSER_UA,
-    fetch,
-    free_port,
-    not_found_body,
-    port_closed_body,
-)
+from support.backends import ThreadedBackend
+from support.process import free_port
+from support.raw_http import BROWSER_ACCEPT, BROWSER_UA, fetch, not_found_body, port_closed_body
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from conftest import RawConn, header_value, header_values, raw_backend
+from support.raw_http import RawConn, header_value, header_values, raw_backend
 
 pytestmark = pytest.mark.timeout(60)
 

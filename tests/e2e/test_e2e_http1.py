@@ -15,13 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    IncompleteResponse,
-    RawConn,
-    build_request,
-    port_is_open,
-    raw_backend,
-)
+from support.process import port_is_open
+from support.raw_http import IncompleteResponse, RawConn, build_request, raw_backend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -387,8 +382,8 @@ async def test_backend_closes_without_response_is_502(shared_proxy):
 
 @pytest.fixture
 def killable_backend():
-    """tests/backends.py in its own process, so it can be SIGKILLed."""
-    script = Path(__file__).with_name("backends.py")
+    """tests/support/backends.py in its own process, so it can be SIGKILLed."""
+    script = Path(__file__).resolve().parent.parent / "support" / "backends.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), "--port", "0", "--name", "killable"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

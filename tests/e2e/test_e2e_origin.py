@@ -13,7 +13,8 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
-from conftest import RawConn, header_value, header_values, wait_until
+from support.process import wait_until
+from support.raw_http import RawConn, header_value, header_values
 from test_operations import client_context, write_cert
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,12 +10,13 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from backends import ThreadedBackend
-from conftest import fetch, header_values, not_found_body, wait_until
+from support.backends import ThreadedBackend
+from support.process import wait_until
+from support.raw_http import fetch, header_values, not_found_body
 
 pytestmark = pytest.mark.timeout(60)
 
-RELOAD = 0.2  # reload_interval used by the test proxies (conftest.default_config)
+RELOAD = 0.2  # reload_interval used by the test proxies (support.process.default_config)
 APPLY_WITHIN = 3.0  # generous bound for "within ~reload_interval"
 
 

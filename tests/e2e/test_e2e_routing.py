@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import RawConn, fetch, not_found_body
+from support.raw_http import RawConn, fetch, not_found_body
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,10 +11,11 @@ import signal
 import aiohttp
 import pytest
 
-from conftest import (default_config, fetch, free_port, port_is_open, registry_toml, run_cli,
-                      to_toml, wait_until)
-from fleet import redis_server  # noqa: F401 - a fixture
 from proxy.config import ENVIRONMENT_KEYS
+from support.fleet import redis_server  # noqa: F401 - a fixture
+from support.process import (default_config, free_port, port_is_open, registry_toml, run_cli,
+                             to_toml, wait_until)
+from support.raw_http import fetch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -185,7 +186,7 @@ def test_bad_environment_value_exits_2_naming_the_variable_and_key(tmp_path, var
 
 def test_every_environment_variable_is_documented():
     from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     shipped = (root / "config" / "proxy.toml").read_text()
     for variable, (section, key, _) in ENVIRONMENT_KEYS.items():
         assert f"{variable} " in shipped and f"[{section}] {key}" in shipped, variable

@@ -11,8 +11,8 @@ import time
 import aiohttp
 import pytest
 
-from backends import GZIP_BODY, GZIP_PLAIN, det_bytes, det_chunks, det_digest
-from conftest import RawConn, build_request, fetch, header_value, header_values
+from support.backends import GZIP_BODY, GZIP_PLAIN, det_bytes, det_chunks, det_digest
+from support.raw_http import RawConn, build_request, fetch, header_value, header_values
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -11,7 +11,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RawConn, build_request, not_found_body, raw_backend, wait_until
+from support.process import wait_until
+from support.raw_http import RawConn, build_request, not_found_body, raw_backend
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -35,8 +35,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO_ROOT, launch_proxy, standard_registry
-from faulty_backends import ThreadedFaultyBackend
+from support.faulty_backends import ThreadedFaultyBackend
+from support.process import REPO_ROOT, launch_proxy, standard_registry
 
 sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.soak import ProxyProbe  # noqa: E402

@@ -48,8 +48,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import IncompleteResponse, RawConn, launch_proxy
-from recording_backend import RecordingFleet, StrictParseError, expected_body, parse_request
+from support.process import launch_proxy
+from support.raw_http import IncompleteResponse, RawConn
+from support.recording_backend import RecordingFleet, StrictParseError, expected_body, parse_request
 
 pytestmark = pytest.mark.timeout(1800)
 

@@ -14,8 +14,9 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import RawConn, fetch, free_port, header_value, raw_backend, run_cli
-from fleet import ControlPlane, control_plane, redis_server  # noqa: F401 - fixtures
+from support.fleet import ControlPlane, control_plane, redis_server  # noqa: F401 - fixtures
+from support.process import free_port, run_cli
+from support.raw_http import RawConn, fetch, header_value, raw_backend
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -367,7 +368,7 @@ def spellings_of(path: str) -> st.SearchStrategy[str]:
 
 @pytest.fixture(scope="module")
 def blocked_proxy(tmp_path_factory, backend):
-    from conftest import launch_proxy
+    from support.process import launch_proxy
     p = launch_proxy(tmp_path_factory.mktemp("blocked"), {
         "daemon": {"host": "127.0.0.1", "ports": {49983: backend.port},
                    "blocked_paths": {"49983": ["/init", "/upgrade"]}}})

@@ -17,7 +17,8 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RawConn, _children, fetch, header_value, wait_until
+from support.process import _children, wait_until
+from support.raw_http import RawConn, fetch, header_value
 
 
 async def scrape(p) -> dict:

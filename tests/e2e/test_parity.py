@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from conftest import RawConn, fetch, header_value, raw_backend
-from fleet import ControlPlane, control_plane  # noqa: F401 - fixture
+from support.fleet import ControlPlane, control_plane  # noqa: F401 - fixture
+from support.raw_http import RawConn, fetch, header_value, raw_backend
 from test_operations import v2_header
 
 pytestmark = pytest.mark.timeout(60)

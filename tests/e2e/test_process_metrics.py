@@ -13,8 +13,9 @@ import time
 import aiohttp
 import pytest
 
-from conftest import (ProxyProcess, _children, default_config, fetch, free_port, metric_value,
-                      registry_toml, standard_registry, to_toml, wait_ready, wait_until)
+from support.process import (ProxyProcess, _children, default_config, free_port, registry_toml,
+                             standard_registry, to_toml, wait_ready, wait_until)
+from support.raw_http import fetch, metric_value
 
 pytestmark = pytest.mark.timeout(90)
 

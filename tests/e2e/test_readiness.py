@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from conftest import fetch, http_status, metric_value, port_is_open, wait_until
-from fleet import redis_server  # noqa: F401 - a fixture
+from support.fleet import redis_server  # noqa: F401 - a fixture
+from support.process import port_is_open, wait_until
+from support.raw_http import fetch, http_status, metric_value
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,12 +12,13 @@ import dns.nameserver
 import dns.resolver
 import pytest
 
-from conftest import fetch, not_found_body, wait_until
-from fleet import (DnsServer, check_core_scenarios, closed_within, core_records,
-                   dns_server, ws_connect)  # noqa: F401 - dns_server is a fixture
 from proxy.config import ConfigError, ListenAddress, RegistryConfig, load_config
 from proxy.registry.dns import DnsRegistry
 from proxy.registry.record import SandboxRecord
+from support.fleet import (DnsServer, check_core_scenarios, closed_within, core_records,
+                           dns_server, ws_connect)  # noqa: F401 - dns_server is a fixture
+from support.process import wait_until
+from support.raw_http import fetch, not_found_body
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,12 +10,14 @@ import time
 import aiohttp
 import pytest
 
-from conftest import fetch, metric_value, not_found_body, run_cli, wait_until
-from fleet import (RedisServer, check_core_scenarios, closed_within, core_records,  # noqa: F401
-                   redis_cluster, redis_server, sentinel_server, ws_connect)  # fixtures
 from proxy.config import ConfigError, RegistryConfig, load_config
 from proxy.registry.record import SandboxRecord
 from proxy.registry.redis_store import RedisRegistry
+from support.fleet import (RedisServer, check_core_scenarios, closed_within,  # noqa: F401
+                           core_records, redis_cluster, redis_server, sentinel_server,
+                           ws_connect)  # fixtures
+from support.process import run_cli, wait_until
+from support.raw_http import fetch, metric_value, not_found_body
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -346,7 +348,7 @@ async def admin_call(port: int, method: str, path: str, body: dict | None = None
 
 
 async def test_two_proxies_share_one_redis_through_the_admin_api(proxy, backend, redis_server):
-    from conftest import free_port
+    from support.process import free_port
     admin_a, admin_b = free_port(), free_port()
     a = proxy(sandboxes={}, config=admin_config(redis_server, admin_a))
     b = proxy(sandboxes={}, config=admin_config(redis_server, admin_b))

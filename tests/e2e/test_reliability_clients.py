@@ -20,7 +20,8 @@ import time
 import aiohttp
 import pytest
 
-from conftest import REPO_ROOT, RawConn, fetch, not_found_body
+from support.process import REPO_ROOT
+from support.raw_http import RawConn, fetch, not_found_body
 
 sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.soak import ProcessSample, ProxyProbe  # noqa: E402

@@ -23,11 +23,11 @@ import time
 import aiohttp
 import pytest
 
-from conftest import (REPO_ROOT, RawConn, build_request, fetch, metric_value, not_found_body,
-                      standard_registry, wait_until)
-from faulty_backends import (FIREHOSE_PIECE, BackendProcess, ThreadedFaultyBackend,
-                             det_bytes)
-from fleet import dns_server, redis_server  # noqa: F401 - fixtures
+from support.faulty_backends import (FIREHOSE_PIECE, BackendProcess, ThreadedFaultyBackend,
+                                     det_bytes)
+from support.fleet import dns_server, redis_server  # noqa: F401 - fixtures
+from support.process import REPO_ROOT, standard_registry, wait_until
+from support.raw_http import RawConn, build_request, fetch, metric_value, not_found_body
 
 sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.soak import ProcessSample, ProxyProbe  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from support.process import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(180)
 

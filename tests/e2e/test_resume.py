@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from conftest import fetch, free_port, not_found_body
-from fleet import ControlPlane, control_plane, redis_server  # noqa: F401 - fixtures
 from proxy.config import ConfigError, load_config
+from support.fleet import ControlPlane, control_plane, redis_server  # noqa: F401 - fixtures
+from support.process import free_port
+from support.raw_http import fetch, not_found_body
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,9 +121,9 @@ async def test_resume_with_redis(proxy, backend, control_plane, redis_server):
 
 
 async def test_a_client_leaving_does_not_cancel_the_shared_resume(tmp_path, control_plane):
-    from conftest import registry_toml
     from proxy.registry.resume import AutoResumeRegistry
     from proxy.registry.static import StaticRegistry
+    from support.process import registry_toml
 
     path = tmp_path / "sandboxes.toml"
     path.write_text(registry_toml({"sleepy": sleepy(4000)}))

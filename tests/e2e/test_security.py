@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from conftest import (IncompleteResponse, RawConn, build_request, fetch, header_value,
-                      header_values, launch_proxy)
-from recording_backend import GZIP_PAYLOAD, RecordingBackend, RecordingFleet, ReceivedRequest
+from support.process import launch_proxy
+from support.raw_http import (IncompleteResponse, RawConn, build_request, fetch, header_value,
+                              header_values)
+from support.recording_backend import GZIP_PAYLOAD, RecordingBackend, RecordingFleet, ReceivedRequest
 
 TOKEN = "s3cret-Token_1"
 TOKEN_HEADER = "e2b-traffic-access-token"

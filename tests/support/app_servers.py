@@ -1,4 +1,4 @@
-"""Real web apps for the browser tests (tests/test_browser_apps.py): Streamlit, Jupyter Server
+"""Real web apps for the browser tests (tests/e2e/test_browser_apps.py): Streamlit, Jupyter Server
 with an IPython kernel, and a plain static server standing for another sandbox's pages.
 
 Each runs as its own process group on 127.0.0.1 with HOME and its config directories inside the
@@ -21,10 +21,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from chromium import PAGES_DIR
-from conftest import free_port
+from support.chromium import PAGES_DIR
+from support.process import free_port
 
-APPS_DIR = Path(__file__).resolve().parent / "apps"
+APPS_DIR = Path(__file__).resolve().parent.parent / "apps"
 START_TIMEOUT = 60.0
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -3,7 +3,7 @@
 ``make_app()`` builds an aiohttp application with the routes the tests use.  The
 fixtures run it either in-process, on an event loop of its own in a background
 thread (``ThreadedBackend``), or as a separate process
-(``python tests/backends.py --port N``) when a test needs to kill the backend.
+(``python tests/support/backends.py --port N``) when a test needs to kill the backend.
 
 Routes (every method is accepted unless noted):
 

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+BROWSER_DIR = Path(__file__).resolve().parent.parent / "browser"
 PAGES_DIR = BROWSER_DIR / "pages"
 CHROMIUM = os.environ.get("SANDBOX_PROXY_CHROMIUM", "/usr/bin/chromium")
 

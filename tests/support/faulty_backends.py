@@ -25,8 +25,8 @@ whether a request the proxy rejected reached it, and it misbehaves on request, b
     does the same after a chunked body's last chunk. ``state["flood_sent"]`` counts the bytes.
 
 Run in this process on a loop of its own (``ThreadedFaultyBackend``) to read its counters, or as a
-separate process (``python tests/faulty_backends.py --port N`` prints ``READY <port>``; see
-``BackendProcess``, which also runs tests/backends.py that way) when a test kills it.
+separate process (``python tests/support/faulty_backends.py --port N`` prints ``READY <port>``; see
+``BackendProcess``, which also runs tests/support/backends.py that way) when a test kills it.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-TESTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS_DIR))
+SUPPORT_DIR = Path(__file__).resolve().parent
+# run as a script (``python tests/support/faulty_backends.py``): tests/ makes ``support`` importable
+sys.path.insert(0, str(SUPPORT_DIR.parent))
 
-from backends import det_bytes  # noqa: E402
+from support.backends import det_bytes  # noqa: E402
 
 FIREHOSE_PIECE = 64 * 1024
 
@@ -280,11 +281,11 @@ class ThreadedFaultyBackend:
 
 
 class BackendProcess:
-    """A backend in a process of its own (so a test can SIGKILL it): ``tests/backends.py`` or
-    ``tests/faulty_backends.py``, started with ``--port`` and waited for until ``READY``."""
+    """A backend in a process of its own (so a test can SIGKILL it): ``tests/support/backends.py``
+    or ``tests/support/faulty_backends.py``, started with ``--port`` and waited for until ``READY``."""
 
     def __init__(self, script: str = "backends.py", port: int = 0):
-        self.script = TESTS_DIR / script
+        self.script = SUPPORT_DIR / script
         self.requested_port = port
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None

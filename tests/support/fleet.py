@@ -1,7 +1,7 @@
 """Real servers for the registry tests: redis-server, dnsmasq and a small control plane.
 
 Each runs on a free loopback port and is stopped by its fixture. Import the fixtures into a test
-module with ``from fleet import redis_server, dns_server, control_plane  # noqa: F401``.
+module with ``from support.fleet import redis_server, dns_server, control_plane  # noqa: F401``.
 
 - ``RedisServer``: ``redis-server`` without persistence; ``kill()`` and ``start()`` again on the
   same port simulate an outage; ``client()`` is a synchronous redis-py client.
@@ -376,8 +376,9 @@ async def check_core_scenarios(p) -> None:
     import hashlib
 
     import aiohttp
-    from conftest import fetch, header_value, not_found_body, port_closed_body
     from websockets.asyncio.client import connect
+
+    from support.raw_http import fetch, header_value, not_found_body, port_closed_body
 
     r = await fetch(p, "/echo?x=1", host="3000-demo.localhost")
     assert r.status == 200, r.body

@@ -8,7 +8,7 @@ import pytest
 from proxy.config import ConfigError, load_config
 from proxy.registry.static import load_registry_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def write(tmp_path, text, name="proxy.toml"):

@@ -14,11 +14,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from conftest import to_toml
 from proxy.config import ConfigError, load_config
 from proxy.config_schema import config_schema, render
+from support.process import to_toml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SCHEMA_FILE = ROOT / "config" / "proxy.schema.json"
 # TOML, unlike JSON, tells 3 from 3.0, and so do the parsers: an integer key takes no float.
 TomlValidator = jsonschema.validators.extend(
