@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The browser tests (tests/test_browser_apps.py) need the real apps (pip's `apps` group),
+# The browser tests (tests/e2e/test_browser_apps.py) need the real apps (pip's `apps` group),
 # playwright-core (npm ci leaves the second file behind) and Debian's chromium (.ci/run).
 APPS_STAMP    := $(VENV)/.apps-installed
 BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
@@ -47,11 +47,12 @@ constraints:
 	mv constraints.txt.new constraints.txt
 	rm -rf build/constraints-venv
 
-# The differential invariant suite (tests/test_invariants.py) with many more generated examples
-# than `make test` runs; FUZZ_EXAMPLES=N to change how many.
+# The differential invariant suite (tests/e2e/test_invariants.py) with many more generated
+# examples than `make test` runs; FUZZ_EXAMPLES=N to change how many.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
-	SANDBOX_PROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_invariants.py -s $(PYTEST_ARGS)
+	SANDBOX_PROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/e2e/test_invariants.py \
+	  -s $(PYTEST_ARGS)
 
 # `make bench` (~15-20 min) writes benchmarks/results/; `make bench-quick` (~1 min) is the
 # before/after check for hot-path changes. Extra flags: make bench BENCH_ARGS="--only ours,nginx"

@@ -3,13 +3,13 @@ everything it held. Explained in benchmarks/soak.md.
 
     python -m benchmarks.soak --duration SECONDS [--concurrency N] [--seed S] [--json PATH]
 
-It starts the real CLI (`python -m proxy --config ...`), the test backend (tests/backends.py) and
-the misbehaving one (tests/faulty_backends.py) as processes of their own, warms the proxy up,
-takes a baseline, runs the mix for the duration with bounded concurrency (HTTP, uploads,
-downloads, SSE, WebSocket, the proxy's own error answers, backends dying mid-response, clients
-vanishing, garbage on the socket), then waits for the proxy to return to the baseline: RSS within
-a tolerance, open file descriptors and the connection gauges exactly back. Exit status 0 when every
-exchange ended as expected and nothing leaked, 1 otherwise.
+It starts the real CLI (`python -m proxy --config ...`), the test backend
+(tests/support/backends.py) and the misbehaving one (tests/support/faulty_backends.py) as processes
+of their own, warms the proxy up, takes a baseline, runs the mix for the duration with bounded
+concurrency (HTTP, uploads, downloads, SSE, WebSocket, the proxy's own error answers, backends dying
+mid-response, clients vanishing, garbage on the socket), then waits for the proxy to return to the
+baseline: RSS within a tolerance, open file descriptors and the connection gauges exactly back. Exit
+status 0 when every exchange ended as expected and nothing leaked, 1 otherwise.
 
 `ProxyProbe` (RSS, open fds and the /metrics gauges of a proxy process) is also what the
 reliability tests use to check that the proxy returned to its baseline.
@@ -327,7 +327,7 @@ async def upload(c: Client) -> None:
 
 
 async def download(c: Client, route: str = "bytes") -> None:
-    from backends import det_digest  # tests/backends.py
+    from support.backends import det_digest  # tests/support/backends.py
 
     n, seed = c.rng.randrange(1, 4 * MiB), c.rng.randrange(100)
     h = hashlib.sha256()
@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in chosen:
             del SCENARIOS[name]
     sys.path.insert(0, str(TESTS_DIR))
-    from faulty_backends import BackendProcess  # tests/faulty_backends.py
+    from support.faulty_backends import BackendProcess  # tests/support/faulty_backends.py
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sandbox-proxy-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)

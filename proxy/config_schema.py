@@ -8,10 +8,10 @@ config/proxy.schema.json is its output, committed; config/proxy.toml names it on
 (`#:schema`), which editors with TOML schema support (Taplo, Even Better TOML) read to complete and
 check keys. The dataclasses give the sections, the keys, the value types and the defaults; what a
 type cannot say (allowed values, ranges, patterns) is in CONSTRAINTS below, written from the
-parsers in proxy/config.py. tests/test_config_schema.py holds the two to each other: every value
-the parsers accept, the schema accepts, and the schema rejects what the parsers reject except for
-the checks listed there that JSON Schema cannot express (files that must exist, CIDR syntax, one
-key depending on another).
+parsers in proxy/config.py. tests/unit/test_config_schema.py holds the two to each other: every
+value the parsers accept, the schema accepts, and the schema rejects what the parsers reject except
+for the checks listed there that JSON Schema cannot express (files that must exist, CIDR syntax,
+one key depending on another).
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def response_transfer_codings(values: list[bytes]) -> tuple[bytes, bool]:
     """(codings before chunked, whether chunked is the final coding) for Transfer-Encoding values.
 
     Chunked is final exactly when llhttp frames the body as chunked: the last comma-separated
-    token of the last field, spaces trimmed, is `chunked` (tests/test_headers.py checks the two
+    token of the last field, spaces trimmed, is `chunked` (tests/unit/test_headers.py checks the two
     agree). Raises MalformedHeaders when chunked appears anywhere but last: such a body (RFC 9112
     6.3 item 4, read until close) cannot be re-framed for the client without applying chunked
     twice, which RFC 9112 7 forbids.

@@ -6,7 +6,7 @@ lines whose value is a basic string without escapes, a decimal integer, a boolea
 table of decimal integers (`{ 3000 = 32768 }`), each optionally followed by a comment. Anything
 else (escapes, quoted keys, arrays, dotted keys, duplicates, other tables...) returns None and the
 caller uses tomllib, so every file still means exactly what TOML says and every error message is
-tomllib's. tests/test_toml_subset.py checks both readers agree.
+tomllib's. tests/unit/test_toml_subset.py checks both readers agree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A Streamlit app for tests/test_browser_apps.py: a button whose click updates the page (a
+"""A Streamlit app for tests/e2e/test_browser_apps.py: a button whose click updates the page (a
 round trip over Streamlit's WebSocket) and a file upload (an HTTP PUT the page makes itself)."""
 
 import hashlib

@@ -1,4 +1,5 @@
-// Runs one browser session for tests/chromium.py: a JSON script on stdin, a JSON report on stdout.
+// Runs one browser session for tests/support/chromium.py: a JSON script on stdin, a JSON report on
+// stdout.
 //
 // Script: {"executable": "/usr/bin/chromium", "resolverRules": "...", "userDataDir": "...",
 //          "artifacts": "dir for a failure screenshot", "timeout": ms per step,
