@@ -196,26 +196,39 @@ def record_from_mapping(sandbox_id: str, data: Any) -> SandboxRecord:
     auto_resume = data.get("auto_resume", False)
     if not isinstance(auto_resume, bool):
         raise ValueError("auto_resume: must be true or false")
+    record = SandboxRecord(sandbox_id, host.strip(), ports, mask, digest,
+                           auto_resume=auto_resume, state=state)
+    if not _COMMON_KEYS.issuperset(data):  # the rarer keys, looked at only when present
+        _apply_options(record, data)
+    return record
+
+
+_COMMON_KEYS = frozenset({"host", "ports", "mask_request_host", "traffic_access_token",
+                          "traffic_access_token_sha256", "state", "auto_resume"})
+
+
+def _apply_options(record: SandboxRecord, data: dict[str, Any]) -> None:
+    """The keys most records lack (a registry of a million sandboxes pays for them only where
+    they are present)."""
     allowed = data.get("allowed_clients")
+    if allowed is not None:
+        record.allowed_clients = _ingress_rules(allowed)
     public = data.get("public_ports")
     if public is not None:
         if not isinstance(public, list) or not all(_is_port(p) for p in public):
             raise ValueError("public_ports: must be a list of ports (1-65535)")
-        public = frozenset(public)
+        record.public_ports = frozenset(public)
     blocked = data.get("blocked_paths")
     if blocked is not None:
-        blocked = _blocked_paths(blocked)
+        record.blocked_paths = _blocked_paths(blocked)
     epoch = data.get("share_epoch", 0)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError("share_epoch: must be an integer >= 0")
+    record.share_epoch = epoch
     mask_origin = data.get("mask_origin")
     if mask_origin is not None and not isinstance(mask_origin, bool):
         raise ValueError("mask_origin: must be true or false")
-    return SandboxRecord(sandbox_id, host.strip(), ports, mask, digest, auto_resume=auto_resume,
-                         state=state,
-                         allowed_clients=None if allowed is None else _ingress_rules(allowed),
-                         public_ports=public, blocked_paths=blocked, share_epoch=epoch,
-                         mask_origin=mask_origin)
+    record.mask_origin = mask_origin
 
 
 def _is_port(value: Any) -> bool:
