@@ -151,17 +151,18 @@ def admit(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, client_ip: byte
         if record.state in TRANSITIONS:
             raise errors.SandboxTransitioning(ex.sandbox_id)
         raise errors.SandboxPaused(ex.sandbox_id)
-    if record.allowed_clients is not None:
+    options = record.options
+    if options.allowed_clients is not None:
         address = real_client_address(ctx, ex, client_ip, trusted)
         if not record.client_allowed(ex.port, address):
             raise errors.ClientNotAllowed(ex.sandbox_id, str(address or client_ip.decode()),
                                           ex.port)
-    if record.blocked_paths is not None:
-        prefixes = record.blocked_paths.get(ex.port)
+    if options.blocked_paths is not None:
+        prefixes = options.blocked_paths.get(ex.port)
         if prefixes and blocked_prefix(ex.target, prefixes) is not None:
             raise errors.PathBlocked(ex.target.partition(b"?")[0].decode("latin-1"))
     if record.token_sha256 is not None and ex.port not in (
-            ctx.exempt_ports if record.public_ports is None else record.public_ports):
+            ctx.exempt_ports if options.public_ports is None else options.public_ports):
         check_token(ctx, ex, record, trusted)
     if record.paused:
         ex.resume = True
@@ -178,8 +179,8 @@ def admit(ctx: EdgeContext, ex: Exchange, record: SandboxRecord, client_ip: byte
     ex.backend_port = record.backend_port(ex.port)
     masked = record.masked_host(ex.port)
     host = ex.host
-    if masked is not None and (ctx.mask_origin if record.mask_origin is None
-                               else record.mask_origin):
+    if masked is not None and (ctx.mask_origin if options.mask_origin is None
+                               else options.mask_origin):
         # the scheme the client used, decided as forwarding_lines decides X-Forwarded-Proto
         scheme = scanned.forwarded_proto if trusted and scanned.forwarded_proto else ctx.scheme
         lines = origin_follows_mask(scanned.lines, scanned.names, scheme, host, masked)

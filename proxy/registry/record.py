@@ -21,20 +21,44 @@ ALL_PORTS = 0  # the key of `allowed_clients` rules that apply to every port ("*
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class RecordOptions:
+    """The settings most records lack, kept apart so a registry of a million sandboxes does not
+    pay a slot per setting per record: one shared NO_OPTIONS serves every record without any."""
+
+    __slots__ = ("allowed_clients", "public_ports", "blocked_paths", "share_epoch",
+                 "mask_origin")
+
+    def __init__(self) -> None:
+        # Client networks allowed to reach the sandbox, by port (ALL_PORTS: every port without
+        # rules of its own); None: everyone.
+        self.allowed_clients: Mapping[int, tuple[Network, ...]] | None = None
+        # ports that need no traffic token (None: [access] exempt_ports decides)
+        self.public_ports: frozenset[int] | None = None
+        # port -> path prefixes answered 404 without reaching the sandbox (control plane only)
+        self.blocked_paths: Mapping[int, tuple[str, ...]] | None = None
+        self.share_epoch = 0  # share links minted under an older epoch are revoked
+        # a same-origin Origin/Referer follows the Host mask (proxy/origin.py); None: as
+        # [upstream] mask_origin says
+        self.mask_origin: bool | None = None
+
+    def key(self) -> tuple[object, ...]:
+        return (self.allowed_clients, self.public_ports, self.blocked_paths, self.share_epoch,
+                self.mask_origin)
+
+
+NO_OPTIONS = RecordOptions()  # shared, never modified
+
+
 class SandboxRecord:
     """Where a sandbox's ports are served and what Host its backend expects."""
 
     __slots__ = ("sandbox_id", "host", "ports", "mask_request_host", "token_sha256", "paused",
-                 "state", "auto_resume", "allowed_clients", "public_ports", "blocked_paths",
-                 "share_epoch", "mask_origin", "_masks")
+                 "state", "auto_resume", "options", "_masks")
 
     def __init__(self, sandbox_id: str, host: str, ports: Mapping[int, int] | None = None,
                  mask_request_host: str | None = None, token_sha256: bytes | None = None,
                  paused: bool = False, auto_resume: bool = False, state: str | None = None,
-                 allowed_clients: Mapping[int, tuple[Network, ...]] | None = None,
-                 public_ports: frozenset[int] | None = None,
-                 blocked_paths: Mapping[int, tuple[str, ...]] | None = None,
-                 share_epoch: int = 0, mask_origin: bool | None = None):
+                 options: RecordOptions = NO_OPTIONS):
         self.sandbox_id = sandbox_id
         self.host = host
         self.ports = dict(ports) if ports else _NO_PORTS
@@ -44,18 +68,29 @@ class SandboxRecord:
         self.state = state if state is not None else ("paused" if paused else "running")
         self.paused = self.state != "running"
         self.auto_resume = auto_resume
-        # Client networks allowed to reach the sandbox, by port (ALL_PORTS: every port without
-        # rules of its own); None: everyone.
-        self.allowed_clients = allowed_clients
-        # ports that need no traffic token (None: [access] exempt_ports decides)
-        self.public_ports = public_ports
-        # port -> path prefixes answered 404 without reaching the sandbox (control plane only)
-        self.blocked_paths = blocked_paths
-        self.share_epoch = share_epoch  # share links minted under an older epoch are revoked
-        # a same-origin Origin/Referer follows the Host mask (proxy/origin.py); None: as
-        # [upstream] mask_origin says
-        self.mask_origin = mask_origin
+        self.options = options
         self._masks: dict[int, bytes] | None = None  # made on first use
+
+    # the options, read as the record's own (the request path reads `options` once instead)
+    @property
+    def allowed_clients(self) -> Mapping[int, tuple[Network, ...]] | None:
+        return self.options.allowed_clients
+
+    @property
+    def public_ports(self) -> frozenset[int] | None:
+        return self.options.public_ports
+
+    @property
+    def blocked_paths(self) -> Mapping[int, tuple[str, ...]] | None:
+        return self.options.blocked_paths
+
+    @property
+    def share_epoch(self) -> int:
+        return self.options.share_epoch
+
+    @property
+    def mask_origin(self) -> bool | None:
+        return self.options.mask_origin
 
     def client_allowed(self, port: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address
                        | None) -> bool:
@@ -101,10 +136,7 @@ class SandboxRecord:
                 and self.same_backend(other) and self.mask_request_host == other.mask_request_host
                 and self.token_sha256 == other.token_sha256 and self.state == other.state
                 and self.auto_resume == other.auto_resume
-                and self.allowed_clients == other.allowed_clients
-                and self.public_ports == other.public_ports
-                and self.blocked_paths == other.blocked_paths
-                and self.share_epoch == other.share_epoch
+                and self.options.key() == other.options.key()
                 and self.mask_origin == other.mask_origin)
 
     def to_mapping(self) -> dict[str, Any]:
@@ -210,25 +242,26 @@ _COMMON_KEYS = frozenset({"host", "ports", "mask_request_host", "traffic_access_
 def _apply_options(record: SandboxRecord, data: dict[str, Any]) -> None:
     """The keys most records lack (a registry of a million sandboxes pays for them only where
     they are present)."""
+    record.options = options = RecordOptions()
     allowed = data.get("allowed_clients")
     if allowed is not None:
-        record.allowed_clients = _ingress_rules(allowed)
+        options.allowed_clients = _ingress_rules(allowed)
     public = data.get("public_ports")
     if public is not None:
         if not isinstance(public, list) or not all(_is_port(p) for p in public):
             raise ValueError("public_ports: must be a list of ports (1-65535)")
-        record.public_ports = frozenset(public)
+        options.public_ports = frozenset(public)
     blocked = data.get("blocked_paths")
     if blocked is not None:
-        record.blocked_paths = _blocked_paths(blocked)
+        options.blocked_paths = _blocked_paths(blocked)
     epoch = data.get("share_epoch", 0)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError("share_epoch: must be an integer >= 0")
-    record.share_epoch = epoch
+    options.share_epoch = epoch
     mask_origin = data.get("mask_origin")
     if mask_origin is not None and not isinstance(mask_origin, bool):
         raise ValueError("mask_origin: must be true or false")
-    record.mask_origin = mask_origin
+    options.mask_origin = mask_origin
 
 
 def _is_port(value: Any) -> bool:
