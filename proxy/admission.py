@@ -34,7 +34,7 @@ from proxy.headers import (
     without_cookie,
 )
 from proxy.host import (
-    BadHost,
+    InvalidHost,
     SandboxAddress,
     host_chars_valid,
     parse_sandbox_host,
@@ -69,7 +69,7 @@ def _routing_headers(ctx: EdgeContext, ex: Exchange, host: bytes) -> SandboxAddr
     """The sandbox named by E2b-Sandbox-Id/-Port, honoured on stable hosts only."""
     try:
         name = strip_host_port(host.decode("latin-1").strip().lower()).rstrip(".")
-    except BadHost:
+    except InvalidHost:
         return None
     if name not in ctx.stable_hosts:
         try:
@@ -86,7 +86,7 @@ def _routing_headers(ctx: EdgeContext, ex: Exchange, host: bytes) -> SandboxAddr
     try:
         return parse_sandbox_host(f"{port.decode('latin-1').strip()}-"
                                   f"{sandbox_id.decode('latin-1').strip()}.routed", ("routed",))
-    except BadHost as exc:
+    except InvalidHost as exc:
         raise errors.BadHost(f"Invalid sandbox routing headers: {exc}") from None
 
 
@@ -124,7 +124,7 @@ def route_request(ctx: EdgeContext, ex: Exchange, client_ip: bytes, trusted: boo
         if address is None:
             try:
                 address = parse_sandbox_host(host.decode("latin-1"), ctx.domains)
-            except BadHost as exc:
+            except InvalidHost as exc:
                 raise errors.BadHost(f"Invalid host: {exc}") from None
             if len(host_cache) > 64:
                 host_cache.clear()

@@ -41,7 +41,7 @@ from proxy.http1 import (
 )
 from proxy.pools import BackendRefused, ConnectFailed
 from proxy.registry import can_resume
-from proxy.registry.resume import ResumeFailed, ResumeRefused
+from proxy.registry.resume import ResumeError, ResumeRefused
 
 if TYPE_CHECKING:
     from proxy.destination import ClientSide
@@ -249,7 +249,7 @@ class Exchange:
         except ResumeRefused as exc:
             self.error = (errors.ResumeForbidden(self.sandbox_id) if exc.status == 403
                           else errors.ResumeRateLimited(self.sandbox_id, exc.retry_after))
-        except ResumeFailed as exc:
+        except ResumeError as exc:
             log.warning("%s", exc)
             self.error = errors.ResumeFailed(self.sandbox_id)
         except Exception as exc:

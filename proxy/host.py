@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 
-class BadHost(ValueError):
+class InvalidHost(ValueError):
     """The Host header does not name a sandbox under a served domain (answered with 400)."""
 
 
@@ -46,45 +46,45 @@ def strip_host_port(host: str) -> str:
     if host.startswith("["):
         end = host.find("]")
         if end < 0:
-            raise BadHost("unterminated IPv6 literal")
+            raise InvalidHost("unterminated IPv6 literal")
         rest = host[end + 1 :]
         if rest and not (rest[0] == ":" and rest[1:].isdigit()):
-            raise BadHost("malformed port")
+            raise InvalidHost("malformed port")
         return host[: end + 1]
     name, colon, port = host.rpartition(":")
     if not colon:
         return host
     if not port.isascii() or not port.isdigit():
-        raise BadHost("malformed port")
+        raise InvalidHost("malformed port")
     return name
 
 
 def parse_sandbox_host(raw_host: str, domains: Iterable[str]) -> SandboxAddress:
-    """Return the sandbox port and id that `raw_host` names, or raise BadHost.
+    """Return the sandbox port and id that `raw_host` names, or raise InvalidHost.
 
     `domains` must already be normalized (see normalize_domain); a set makes the check O(1).
     """
     host = raw_host.strip(" \t")
     if not HOST_CHARS.issuperset(host):
-        raise BadHost("host has characters outside [A-Za-z0-9.:-]")
+        raise InvalidHost("host has characters outside [A-Za-z0-9.:-]")
     host = strip_host_port(host.lower())
     if host.endswith("."):
         host = host[:-1]
     label, dot, domain = host.partition(".")
     if not dot:
-        raise BadHost("host has no domain")
+        raise InvalidHost("host has no domain")
     if domain not in domains:
-        raise BadHost("domain is not served here")
+        raise InvalidHost("domain is not served here")
     port_text, dash, rest = label.partition("-")
     # `<port>-<sandboxId>-<clientId>`, the older form: what follows the second `-` is ignored
     sandbox_id = rest.partition("-")[0]
     if not dash:
-        raise BadHost("first label is not <port>-<sandboxId>")
+        raise InvalidHost("first label is not <port>-<sandboxId>")
     if not (0 < len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()):
-        raise BadHost("port is not a decimal number")
+        raise InvalidHost("port is not a decimal number")
     port = int(port_text)
     if not 0 < port < 65536:
-        raise BadHost("port is out of range")
+        raise InvalidHost("port is out of range")
     if not sandbox_id or not SANDBOX_ID_CHARS.issuperset(sandbox_id):
-        raise BadHost("sandbox id is not [a-z0-9]+")
+        raise InvalidHost("sandbox id is not [a-z0-9]+")
     return SandboxAddress(port, sandbox_id)

@@ -86,13 +86,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.feeding = True
-        if self.body_left:
-            self.relay_body(client, data)
-            self.end_read()
-            return
-        self.responded = True
-        self.quiet_bytes += len(data)
         try:
+            if self.body_left:
+                self.relay_body(client, data)
+                return
+            self.responded = True
+            self.quiet_bytes += len(data)
             self.parser.feed_data(data)
             if self.quiet_bytes > self.pool.pools.max_head_bytes:
                 log.warning("backend %s:%s of %s sent more than %d bytes of response head or "
@@ -105,9 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.upstream_upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
             if isinstance(exc.__context__, UnsolicitedResponse):
-                log.warning("backend %s:%s of sandbox %s sent a response nobody asked for; "
-                            "connection closed", self.pool.host, self.pool.port,
-                            self.pool.sandbox_id)
+                self.log_unsolicited()
             else:
                 log.info("invalid response from %s:%s: %s", self.pool.host, self.pool.port, exc)
             if self.client is not None:
@@ -115,16 +112,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
         finally:
             client.flush()  # one write for everything this read produced
-            self.feeding = False  # end_read, inlined: once per read
+            self.feeding = False  # the read is whole: a parked connection may be pooled now
             if self.parked:
                 self.parked = False
                 self.pool.release(self)
 
-    def end_read(self) -> None:
-        self.feeding = False
-        if self.parked:
-            self.parked = False
-            self.pool.release(self)
+    def log_unsolicited(self) -> None:
+        log.warning("backend %s:%s of sandbox %s sent a response nobody asked for; connection "
+                    "closed", self.pool.host, self.pool.port, self.pool.sandbox_id)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -198,12 +193,9 @@ class UpstreamConnection(asyncio.Protocol):
             client.response_body(data if len(data) == left else data[:left])
             self.parser = HttpResponseParser(self)
             if len(data) > left:  # bytes after the response nobody asked for
-                log.warning("backend %s:%s of sandbox %s sent a response nobody asked for; "
-                            "connection closed", self.pool.host, self.pool.port,
-                            self.pool.sandbox_id)
+                self.log_unsolicited()
                 self.close()  # before the exchange ends: it must not go back to the pool
             client.response_complete(self)
-        client.flush()
 
     def on_message_complete(self) -> None:
         if self.client is not None:

@@ -49,7 +49,7 @@ POLL_EVERY = 0.1  # seconds between reads of the record while waiting for it to 
 RESUME_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class ResumeFailed(Exception):
+class ResumeError(Exception):
     """The sandbox could not be resumed in time; answered 503 (retry), never 502 (gone)."""
 
 
@@ -124,7 +124,7 @@ class AutoResumeRegistry:
                 if state == "pausing":
                     if loop.time() >= deadline:
                         outcome = "timeout"
-                        raise ResumeFailed(f"sandbox {sandbox_id} still pausing after "
+                        raise ResumeError(f"sandbox {sandbox_id} still pausing after "
                                            f"{self.resume_timeout:g}s")
                     await asyncio.sleep(POLL_EVERY)
             if state == "running":
@@ -142,7 +142,7 @@ class AutoResumeRegistry:
                     outcome = "refused"
                     raise ResumeRefused(status, retry_after)
                 if not 200 <= status < 300:
-                    raise ResumeFailed(f"resume webhook answered {status}")
+                    raise ResumeError(f"resume webhook answered {status}")
             while True:
                 record = await self._read_fresh(sandbox_id)
                 if record is None or (record.paused and not record.auto_resume):
@@ -155,11 +155,11 @@ class AutoResumeRegistry:
                 left = deadline - loop.time()
                 if left <= 0:
                     outcome = "timeout"
-                    raise ResumeFailed(f"sandbox {sandbox_id} still paused after "
+                    raise ResumeError(f"sandbox {sandbox_id} still paused after "
                                        f"{self.resume_timeout:g}s")
                 await asyncio.sleep(min(POLL_EVERY, left))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ResumeFailed(f"resume webhook {self.resume_url}: {exc or type(exc).__name__}"
+            raise ResumeError(f"resume webhook {self.resume_url}: {exc or type(exc).__name__}"
                                ) from None
         finally:
             self.resumes[outcome] += 1

@@ -1,9 +1,16 @@
 """Header rewriting as pure functions: hop-by-hop removal, forwarding headers, framing."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.headers import (HOP_BY_HOP, build_request_head, forwarding_lines,
-                           scan_request_headers, scan_response_headers, trailer_lines)
+from proxy.headers import (
+    HOP_BY_HOP,
+    build_request_head,
+    forwarding_lines,
+    scan_request_headers,
+    scan_response_headers,
+    trailer_lines,
+)
 
 
 def request_head(headers, trusted=False, client_ip=b"10.1.2.3", upgrade=None, host=None):
@@ -72,6 +79,7 @@ def test_te_trailers_is_kept_and_chunked_is_the_only_transfer_coding():
                                     (b"Transfer-Encoding", b"chunked")], False)
     assert scanned.trailers_accepted and scanned.chunked
     import pytest
+
     from proxy.headers import MalformedHeaders
     for value in (b"gzip, chunked", b"identity", b"chunked, chunked"):
         with pytest.raises(MalformedHeaders):
@@ -119,9 +127,14 @@ def test_no_hop_by_hop_or_named_header_survives(headers, named):
 import httptools  # noqa: E402
 import pytest  # noqa: E402
 
-from proxy.headers import (FORWARDING, MalformedHeaders, host_without_port,  # noqa: E402
-                           is_chunked_request_coding, isolate_cookie,
-                           response_transfer_codings)
+from proxy.headers import (  # noqa: E402
+    FORWARDING,
+    MalformedHeaders,
+    host_without_port,
+    is_chunked_request_coding,
+    isolate_cookie,
+    response_transfer_codings,
+)
 from proxy.host import host_chars_valid  # noqa: E402
 
 

@@ -1,9 +1,10 @@
 """Host parsing: the table of behaviour.md cases, plus properties over generated hosts."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.host import BadHost, SandboxAddress, parse_sandbox_host
+from proxy.host import InvalidHost, SandboxAddress, parse_sandbox_host
 
 DOMAINS = frozenset({"localhost", "example.app", "e2b.dev"})
 
@@ -39,7 +40,7 @@ def test_valid_hosts(host, expected):
     "3000-demo.localhost..", "٣٠٠٠-demo.localhost", "3000-demo.localhost:８０",
 ])
 def test_bad_hosts(host):
-    with pytest.raises(BadHost):
+    with pytest.raises(InvalidHost):
         parse_sandbox_host(host, DOMAINS)
 
 
@@ -62,7 +63,7 @@ def test_round_trip(port, sandbox_id, upper, dot, host_port):
 def test_never_crashes_and_only_accepts_canonical_ids(host):
     try:
         port, sandbox_id = parse_sandbox_host(host, DOMAINS)
-    except BadHost:
+    except InvalidHost:
         return
     assert 0 < port < 65536
     assert sandbox_id.isascii() and sandbox_id.isalnum() and sandbox_id == sandbox_id.lower()

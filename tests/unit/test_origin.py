@@ -1,7 +1,8 @@
 """Origin follows the Host mask (proxy/origin.py): the pure rule, with property-based tests that it
 never makes a cross-origin request look same-origin."""
 
-from hypothesis import assume, event, given, strategies as st
+from hypothesis import assume, event, given
+from hypothesis import strategies as st
 
 from proxy.headers import scan_request_headers
 from proxy.origin import client_scheme, origin_follows_mask, public_origins

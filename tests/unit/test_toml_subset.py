@@ -3,7 +3,8 @@ shape (so a million sandboxes load quickly)."""
 
 import tomllib
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.registry.toml_subset import parse_registry_subset
 
