@@ -7,6 +7,8 @@
   Python (benchmarks.wsbackend) on its own port:
         /echo, /sink  WebSocket echo and sink       - the WebSocket scenarios
         /upload       200 "ok" after reading a POST - uploads (nginx answers before reading)
+  gRPC (benchmarks/grpcbackend.js, Node's http2 module), cleartext HTTP/2, only when the gRPC
+        scenario runs: bench.Bench/Unary, /Stream, /Authority - the gRPC scenarios
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import sys
 from dataclasses import dataclass
 
 from benchmarks.loadgen_http import BIG_BODY
-from benchmarks.procs import (LOAD_CPU, REPO_DIR, WORK_DIR, Proc, port_free, spawn, stop,
-                              wait_http, wait_port)
+from benchmarks.procs import (BENCH_DIR, LOAD_CPU, REPO_DIR, WORK_DIR, Proc, port_free, spawn,
+                              stop, wait_http, wait_port)
 
 HTTP_PORT = 23000
 WS_PORT = 23001
+GRPC_PORT = 23002
+GRPC_BACKEND = BENCH_DIR / "grpcbackend.js"
 HELLO = b"Hello, World!"
 
 
@@ -86,13 +90,15 @@ def write_backend_conf() -> str:
 class Backends:
     http: Proc
     ws: Proc
+    grpc: Proc | None = None  # started by start_grpc_backend, for the gRPC scenario only
 
     def alive(self) -> bool:
-        return self.http.alive() and self.ws.alive()
+        return all(p.alive() for p in (self.http, self.ws, self.grpc) if p is not None)
 
     def stop(self) -> None:
-        stop(self.ws)
-        stop(self.http)
+        for p in (self.grpc, self.ws, self.http):
+            if p is not None:
+                stop(p)
 
 
 def start_backends() -> Backends:
@@ -112,3 +118,17 @@ def start_backends() -> Backends:
     if not wait_port(WS_PORT, ws, 10):
         raise RuntimeError("backend WebSocket server did not start:\n" + ws.log_tail())
     return Backends(http, ws)
+
+
+def start_grpc_backend() -> Proc:
+    """The gRPC backend (grpcbackend.js) on the load core; RuntimeError if it cannot run."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not installed (Debian package nodejs)")
+    if not port_free(GRPC_PORT):
+        raise RuntimeError(f"gRPC backend port {GRPC_PORT} is already in use")
+    proc = spawn("backend-grpc", [node, str(GRPC_BACKEND), str(GRPC_PORT)], LOAD_CPU)
+    if not wait_port(GRPC_PORT, proc, 10):
+        stop(proc)
+        raise RuntimeError("gRPC backend did not start:\n" + proc.log_tail())
+    return proc
