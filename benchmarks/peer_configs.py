@@ -7,6 +7,14 @@ access logs, one worker/thread. nginx and HAProxy need an upstream/backend block
 port to keep connections alive (a variable target gets no pool), so one is generated for each
 port the benchmark uses; Traefik gets one router per port for the same reason (a service cannot
 take its port from the Host); routing itself is still by the Host pattern.
+
+HTTP/2 and gRPC: every peer also takes cleartext HTTP/2 with prior knowledge (h2c): Traefik,
+Caddy and ours on their one listener; nginx (`listen ... http2`) and HAProxy (`proto h2`) on a
+second port of their own, since there a listener speaks one or the other. The gRPC backend's
+port is declared as an h2c backend in each peer's configuration (nginx `grpc_pass`, HAProxy
+`proto h2` on the server line, Traefik an `h2c://` service URL, Caddy `reverse_proxy h2c://`),
+routed and Host-rewritten like any other port; ours needs nothing: it sends requests whose
+Content-Type is application/grpc over h2c on its own.
 """
 
 from __future__ import annotations
@@ -57,22 +65,40 @@ access = "{access_log}"
 """
 
 
-def nginx_config(d: Path, port: int, backend_ports) -> str:
-    upstreams = "".join(f"""    upstream p{bp} {{
-        server 127.0.0.1:{bp};
+def _nginx_upstream(name: str, port: int) -> str:
+    return f"""    upstream {name} {{
+        server 127.0.0.1:{port};
         keepalive {IDLE_POOL};
         keepalive_requests 100000000;
         keepalive_timeout 3600s;
     }}
-""" for bp in backend_ports)
+"""
+
+
+def nginx_config(d: Path, port: int, h2_port: int, backend_ports, grpc_port: int) -> str:
+    upstreams = "".join(_nginx_upstream(f"p{bp}", bp) for bp in backend_ports)
+    listen = f"listen 127.0.0.1:{port};\n        listen 127.0.0.1:{h2_port} http2;"
+    # regex server names are tried in order: the gRPC port's server comes first
     return nginx_common(d, "nginx") + f"""http {{
 {nginx_http_common(d)}    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
-{upstreams}    server {{
+{upstreams}{_nginx_upstream(f"g{grpc_port}", grpc_port)}    server {{
         listen 127.0.0.1:{port} default_server backlog=4096;
+        listen 127.0.0.1:{h2_port} http2 default_server backlog=4096;
         return 404;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
+        server_name ~^{grpc_port}-[a-z0-9]+\\.localhost$;
+        location / {{
+            grpc_pass grpc://g{grpc_port};
+            grpc_set_header Host localhost:{grpc_port};
+            grpc_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            grpc_read_timeout 3600s;
+            grpc_send_timeout 3600s;
+        }}
+    }}
+    server {{
+        {listen}
         server_name ~^(?<port>\\d+)-(?<id>[a-z0-9]+)\\.localhost$;
         client_max_body_size 0;
         proxy_http_version 1.1;
@@ -93,11 +119,12 @@ def nginx_config(d: Path, port: int, backend_ports) -> str:
 """
 
 
-def haproxy_config(port: int, backend_ports, maxconn: int) -> str:
+def haproxy_config(port: int, h2_port: int, backend_ports, grpc_port: int,
+                   maxconn: int) -> str:
     backends = "".join(f"""
 backend be_{bp}
-    server s1 127.0.0.1:{bp} pool-max-conn {IDLE_POOL}
-""" for bp in backend_ports)
+    server s1 127.0.0.1:{bp}{" proto h2" if bp == grpc_port else ""} pool-max-conn {IDLE_POOL}
+""" for bp in (*backend_ports, grpc_port))
     return f"""global
     nbthread 1
     maxconn {maxconn}
@@ -115,6 +142,7 @@ defaults
 
 frontend fe
     bind 127.0.0.1:{port}
+    bind 127.0.0.1:{h2_port} proto h2
     maxconn {maxconn}
     acl sandbox_host hdr_reg(host) -i ^[0-9]+-[a-z0-9]+\\.localhost(:[0-9]+)?$
     http-request return status 404 if !sandbox_host
@@ -124,11 +152,12 @@ frontend fe
 {backends}"""
 
 
-def caddy_config(port: int) -> str:
+def caddy_config(port: int, grpc_port: int) -> str:
     return f"""{{
     admin off
     auto_https off
     servers {{
+        protocols h1 h2c
         timeouts {{
             idle 1h
         }}
@@ -137,6 +166,17 @@ def caddy_config(port: int) -> str:
 
 http://:{port} {{
     bind 127.0.0.1
+    @grpc header_regexp Host ^{grpc_port}-[a-z0-9]+\\.localhost(:\\d+)?$
+    handle @grpc {{
+        reverse_proxy h2c://127.0.0.1:{grpc_port} {{
+            header_up Host localhost:{grpc_port}
+            transport http {{
+                versions h2c
+                keepalive 1h
+                keepalive_idle_conns_per_host {IDLE_POOL}
+            }}
+        }}
+    }}
     @sandbox header_regexp sb Host ^(\\d+)-([a-z0-9]+)\\.localhost(:\\d+)?$
     handle @sandbox {{
         reverse_proxy 127.0.0.1:{{re.sb.1}} {{
@@ -177,9 +217,9 @@ serversTransport:
 """
 
 
-def traefik_dynamic(backend_ports) -> str:
+def traefik_dynamic(backend_ports, grpc_port: int) -> str:
     routers, middlewares, services = [], [], []
-    for bp in backend_ports:
+    for bp in (*backend_ports, grpc_port):
         routers.append(f"""    r{bp}:
       entryPoints: [web]
       rule: "HostRegexp(`^{bp}-[a-z0-9]+\\\\.localhost$`)"
@@ -195,7 +235,7 @@ def traefik_dynamic(backend_ports) -> str:
       loadBalancer:
         passHostHeader: true
         servers:
-          - url: "http://127.0.0.1:{bp}"
+          - url: "{"h2c" if bp == grpc_port else "http"}://127.0.0.1:{bp}"
 """)
     return ("http:\n  routers:\n" + "".join(routers) + "  middlewares:\n" + "".join(middlewares)
             + "  services:\n" + "".join(services))

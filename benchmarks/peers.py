@@ -5,6 +5,8 @@ Every peer does the same routing job: Host `<port>-<id>.localhost[:listen]` goes
 pass through, keep-alive to the backend (at most 64 idle connections), one core. A peer that
 cannot be installed or started becomes a `Missing` entry with the reason; it is never dropped
 silently. Two references sit beside the peers: "direct" (no proxy) and "relay" (benchmarks.relay).
+Each peer also takes cleartext HTTP/2 with prior knowledge (h2c), on its listen port or, for nginx
+and HAProxy, on a port of its own (H2_PORTS), and passes gRPC to the gRPC backend over h2c.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks import peer_configs as cfg
-from benchmarks.backends import HTTP_PORT, WS_PORT, nginx_bin
+from benchmarks.backends import GRPC_PORT, HTTP_PORT, WS_PORT, nginx_bin
 from benchmarks.procs import (PROXY_CPU, REPO_DIR, WORK_DIR, Proc, port_free, spawn, stop,
                               wait_http, wait_port)
 
@@ -30,11 +32,13 @@ BACKEND_PORTS = (HTTP_PORT, WS_PORT)
 PORTS = {"ours": 28080, "nginx": 28081, "haproxy": 28082, "caddy": 28083, "traefik": 28084,
          "chp": 28085, "ours-1m": 28086, "ours-1": 28087}
 CHP_API_PORT = 28095
+H2_PORTS = {"nginx": 28191, "haproxy": 28192}  # where an h1 listener cannot take h2c as well
 OURS_METRICS_PORT = 28180
-RELAY_PORTS = {HTTP_PORT: 28090, WS_PORT: 28091}
+RELAY_PORTS = {HTTP_PORT: 28090, WS_PORT: 28091, GRPC_PORT: 28092}
 ALL_PEERS = ["ours", "nginx", "haproxy", "caddy", "traefik", "chp"]
 REFERENCES = ["direct", "relay"]
-APT_PACKAGES = {"nginx": "nginx-light", "haproxy": "haproxy", "caddy": "caddy", "wrk": "wrk"}
+APT_PACKAGES = {"nginx": "nginx-light", "haproxy": "haproxy", "caddy": "caddy", "wrk": "wrk",
+                "h2load": "nghttp2-client", "nghttp": "nghttp2-client", "node": "nodejs"}
 CHP_DIR = WORK_DIR / "chp"
 
 
@@ -50,18 +54,21 @@ class Target:
     proc: Proc | None
     version: str = ""
     port: int = 0                  # the proxy's listen port (proxies)
+    h2_port: int = 0               # its h2c (prior knowledge) port, if not the listen port
     ready_s: float | None = None   # seconds from start until it first answered 200
     ready_rss_kib: int = 0         # RSS at that moment
     notes: list[str] = field(default_factory=list)
     factory: Callable[[], "Target"] | None = field(default=None, repr=False)  # starts it again
 
-    def addr(self, backend_port: int, sandbox: str = "demo") -> tuple[int, str]:
-        """(port to connect to, Host header) that reaches backend_port through this target."""
+    def addr(self, backend_port: int, sandbox: str = "demo", h2: bool = False) -> tuple[int, str]:
+        """(port to connect to, Host header) that reaches backend_port through this target;
+        h2: the port that takes cleartext HTTP/2 with prior knowledge."""
         if self.name == "direct":
             return backend_port, f"localhost:{backend_port}"
         if self.name == "relay":
             return RELAY_PORTS[backend_port], f"localhost:{backend_port}"
-        return self.port, f"{backend_port}-{sandbox}.localhost:{self.port}"
+        port = self.h2_port or self.port if h2 else self.port
+        return port, f"{backend_port}-{sandbox}.localhost:{port}"
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.alive()
@@ -212,26 +219,30 @@ def start_nginx(install: bool, log) -> Target:
     exe = nginx_bin()
     if exe is None:
         raise PeerUnavailable("nginx is not installed (apt package nginx-light)")
-    _check_ports(PORTS["nginx"])
+    _check_ports(PORTS["nginx"], H2_PORTS["nginx"])
     d = WORK_DIR / "nginx"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "nginx.conf").write_text(cfg.nginx_config(d, PORTS["nginx"], BACKEND_PORTS))
+    (d / "nginx.conf").write_text(cfg.nginx_config(d, PORTS["nginx"], H2_PORTS["nginx"],
+                                                   BACKEND_PORTS, GRPC_PORT))
     proc = spawn("nginx", [exe, "-e", "stderr", "-c", str(d / "nginx.conf"), "-p", str(d)],
                  PROXY_CPU)
-    return _ready(Target("nginx", "proxy", proc, version_of([exe, "-v"]), PORTS["nginx"]))
+    return _ready(Target("nginx", "proxy", proc, version_of([exe, "-v"]), PORTS["nginx"],
+                         H2_PORTS["nginx"]))
 
 
 def start_haproxy(install: bool, log) -> Target:
     exe = _which("haproxy")
     if exe is None:
         raise PeerUnavailable("haproxy is not installed (apt package haproxy)")
-    _check_ports(PORTS["haproxy"])
+    _check_ports(PORTS["haproxy"], H2_PORTS["haproxy"])
     d = WORK_DIR / "haproxy"
     d.mkdir(parents=True, exist_ok=True)
     maxconn = max(1000, (nofile() - 500) // 2)  # HAProxy wants about 2 descriptors per conn
-    (d / "haproxy.cfg").write_text(cfg.haproxy_config(PORTS["haproxy"], BACKEND_PORTS, maxconn))
+    (d / "haproxy.cfg").write_text(cfg.haproxy_config(PORTS["haproxy"], H2_PORTS["haproxy"],
+                                                      BACKEND_PORTS, GRPC_PORT, maxconn))
     proc = spawn("haproxy", [exe, "-db", "-f", str(d / "haproxy.cfg")], PROXY_CPU)
-    return _ready(Target("haproxy", "proxy", proc, version_of([exe, "-v"]), PORTS["haproxy"]))
+    return _ready(Target("haproxy", "proxy", proc, version_of([exe, "-v"]), PORTS["haproxy"],
+                         H2_PORTS["haproxy"]))
 
 
 def _go_env(d: Path) -> dict:
@@ -246,7 +257,7 @@ def start_caddy(install: bool, log) -> Target:
     _check_ports(PORTS["caddy"])
     d = WORK_DIR / "caddy"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "Caddyfile").write_text(cfg.caddy_config(PORTS["caddy"]))
+    (d / "Caddyfile").write_text(cfg.caddy_config(PORTS["caddy"], GRPC_PORT))
     proc = spawn("caddy", [exe, "run", "--config", str(d / "Caddyfile"), "--adapter", "caddyfile"],
                  PROXY_CPU, env=_go_env(d))
     return _ready(Target("caddy", "proxy", proc, version_of([exe, "version"]), PORTS["caddy"]))
@@ -259,7 +270,7 @@ def start_traefik(install: bool, log) -> Target:
     _check_ports(PORTS["traefik"])
     d = WORK_DIR / "traefik"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "dynamic.yml").write_text(cfg.traefik_dynamic(BACKEND_PORTS))
+    (d / "dynamic.yml").write_text(cfg.traefik_dynamic(BACKEND_PORTS, GRPC_PORT))
     (d / "traefik.yml").write_text(cfg.traefik_static(PORTS["traefik"], d / "dynamic.yml"))
     proc = spawn("traefik", [exe, f"--configFile={d / 'traefik.yml'}"], PROXY_CPU, env=_go_env(d))
     version = version_of([exe, "version"]).replace("Version:", "").strip()
