@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 from benchmarks import goals, procs, report, scenarios
-from benchmarks.backends import start_backends
+from benchmarks.backends import start_backends, start_grpc_backend
+from benchmarks.loadgen_h2 import h2load_path
 from benchmarks.loadgen_http import wrk_path
 from benchmarks.peers import ALL_PEERS, REFERENCES, Missing, apt_install, start_targets
 
-SCENARIOS = ["small", "transfer", "ws", "memory", "routes"]
+SCENARIOS = ["small", "transfer", "ws", "memory", "routes", "h2", "grpc"]
 QUICK_TARGETS = ["ours", "nginx", "traefik", "direct"]
 
 
@@ -119,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     run.retry_budget = 30.0 if args.quick else 180.0
     missing: list[Missing] = []
     install = not args.no_install
+    h2_chosen = [x for x in chosen if x in ("h2", "grpc")]
     if install:
-        apt_install(["wrk", "nginx"], log)
+        apt_install(["wrk", "nginx"] + (["h2load", "nghttp"] if h2_chosen else [])
+                    + (["node"] if "grpc" in chosen else []), log)
     if wrk_path() is None:
         missing.append(Missing("wrk", "wrk is not installed: every HTTP scenario is skipped"))
+    if h2_chosen and h2load_path() is None:
+        missing.append(Missing("h2load", "h2load (Debian package nghttp2-client) is not "
+                               f"installed: scenarios {', '.join(h2_chosen)} are skipped"))
     if args.wait_idle > 0:
         wait_idle(args.wait_idle, log)
     log("starting backends and targets")
@@ -131,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         log(f"cannot run any scenario: {e}")
         return 1
+    if "grpc" in chosen:
+        try:
+            backends.grpc = start_grpc_backend()
+        except RuntimeError as e:
+            missing.append(Missing("grpc-backend", f"{e}: the gRPC scenario is skipped"))
     targets, failed = start_targets(names, install, log)
     missing += failed
     try:
@@ -147,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.memory(run, [t for t in targets if t.name != "direct"], idle_n)
         if "routes" in chosen and http_ok:
             scenarios.routes(run, log)
+        if "h2" in chosen and h2load_path():
+            scenarios.h2(run, targets)
+        if "grpc" in chosen and h2load_path() and backends.grpc:
+            scenarios.grpc(run, targets)
         if not backends.alive():
             run.incident("backend", "all", "a backend process exited during the run")
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The five scenarios, each run over the started targets in interleaved rounds.
+"""The seven scenarios, each run over the started targets in interleaved rounds.
 
   small     13-byte GETs, wrk -t1 -c50: req/s and latency percentiles (peers + direct + relay)
   transfer  10 MiB downloads and 10 MiB uploads, wrk -t1 -c4: bytes/s
@@ -7,6 +7,10 @@
             RSS growth of the proxy's process tree per connection, in KiB
   routes    our proxy only: a static registry of 1,000,000 sandboxes, time until it answers
             and small-request req/s against the 1-sandbox registry, interleaved
+  h2        13-byte GETs over cleartext HTTP/2 (prior knowledge), h2load -c10 -m10, HTTP/1.1 to
+            the backend: req/s (proxies only: the references cannot turn h2c into HTTP/1.1)
+  grpc      unary calls/s (h2load -c10 -m10) and server-streaming messages/s (h2load, one long
+            stream per connection), h2c end to end, after a grpcio check of every target
 Rounds rotate the order (A B C, B C A, ...) so drift hits every target alike; every figure
 kept is the median over rounds. Odd things (errors, non-2xx, deaths) go to `incidents`.
 """
@@ -20,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import loadgen_ws
-from benchmarks.backends import HTTP_PORT, WS_PORT
+from benchmarks import grpccheck, loadgen_ws
+from benchmarks.backends import GRPC_PORT, HELLO, HTTP_PORT, WS_PORT
+from benchmarks.loadgen_h2 import GRPC_HEADERS, grpc_body_file, grpc_frame, h2_get, run_h2load
 from benchmarks.loadgen_http import BIG_BODY, run_wrk, upload_script
 from benchmarks.peer_configs import write_big_registry
 from benchmarks.peers import PeerUnavailable, Target, start_ours
@@ -43,6 +48,10 @@ class Settings:
     idle_n: int = 10_000
     routes_n: int = 1_000_000
     routes_load_timeout: float = 180.0
+    h2_clients: int = 10            # h2 and gRPC unary: h2load -c
+    h2_streams: int = 10            # ... and -m (concurrent streams per connection)
+    grpc_streams: int = 4           # gRPC server streaming: connections, one stream each
+    grpc_stream_messages: int = 10_000  # messages per streaming call
 
 
 @dataclass
@@ -129,13 +138,20 @@ def quiet_check(run: Run, scenario: str) -> None:
                      "with other work; expect noisy numbers")
 
 
+def _with_proxy_cpu(t: Target, load):
+    """(load(), cores' worth of CPU the target used meanwhile, or None if it has no process);
+    load's result has the run's length in `seconds`."""
+    cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
+    res = load()
+    return res, ((t.proc.cpu_seconds() - cpu0) / res.seconds if t.proc and res.seconds else None)
+
+
 def _wrk_measure(run: Run, scenario: str, backend_port: int, path: str, duration: float,
                  connections: int, script=None, bytes_per_request: int = 0, sandbox: str = "demo"):
     def measure(t: Target) -> dict:
         port, host = t.addr(backend_port, sandbox)
-        cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
-        res = run_wrk(port, host, path, duration, connections, script)
-        cpu = (t.proc.cpu_seconds() - cpu0) / res.seconds if t.proc and res.seconds else None
+        res, cpu = _with_proxy_cpu(t, lambda: run_wrk(port, host, path, duration, connections,
+                                                       script))
         if not res.ok:
             raise RuntimeError(res.error)
         if res.errors:
@@ -330,6 +346,116 @@ def routes(run: Run, log) -> None:
         for t in started:
             stop(t.proc)
             scan_log(run, t.name, t.proc)
+
+
+def _h2load_measure(run: Run, scenario: str, backend_port: int, path: str, duration: float,
+                    clients: int, streams: int, reply_bytes: int, body: Path | None = None):
+    """h2load over h2c through a target; reply_bytes: the response body of one request, which
+    every succeeded request must have brought back (a gRPC error is a 200 without it)."""
+    headers = GRPC_HEADERS if body is not None else ()
+
+    def measure(t: Target) -> dict:
+        port, host = t.addr(backend_port, h2=True)
+        res, cpu = _with_proxy_cpu(t, lambda: run_h2load(port, host, path, duration, clients,
+                                                          streams, body, headers))
+        if not res.ok:
+            raise RuntimeError(res.error)
+        if res.errors:
+            run.incident(t.name, scenario, f"{res.failed} failed requests, {res.non_2xx} non-2xx "
+                                           f"responses in {res.requests} requests")
+        if res.data_bytes < 0.99 * res.succeeded * reply_bytes:
+            run.incident(t.name, scenario, f"{res.data_bytes / res.succeeded:,.1f} bytes of "
+                         f"response body per request, not {reply_bytes:,}: errors answered 200?")
+        out = {"rps": res.rps, "requests": res.requests, "failed": res.failed,
+               "non_2xx": res.non_2xx, "data_bytes_per_s": res.data_bytes / res.seconds}
+        if res.mean_ms is not None:
+            out["mean_ms"] = res.mean_ms
+        if cpu is not None:
+            out["proxy_cpu"] = cpu
+        return out
+    return measure
+
+
+def _warm_up_h2(targets: list[Target], backend_port: int, path: str, s: Settings,
+                body: Path | None = None) -> None:
+    headers = GRPC_HEADERS if body is not None else ()
+    for t in targets:
+        run_h2load(*t.addr(backend_port, h2=True), path, 1, s.h2_clients, s.h2_streams, body,
+                   headers)
+
+
+def _checked(run: Run, scenario: str, targets: list[Target], check) -> tuple[list[Target], dict]:
+    """The targets that pass check(t) -> (usable, problems), and what was found for each; a
+    target that cannot carry the protocol at all is left out of the scenario (an incident)."""
+    usable, checks = [], {}
+    for t in targets:
+        ok, found = check(t)
+        checks[t.name] = "; ".join(found) or "ok"
+        for problem in found:
+            run.incident(t.name, scenario, problem + ("" if ok else ": not measured"))
+        if ok:
+            usable.append(t)
+    return usable, checks
+
+
+def h2(run: Run, targets: list[Target]) -> None:
+    """Small requests over h2c into the proxies, HTTP/1.1 on to the nginx backend."""
+    s = run.settings
+    run.log(f"[h2] 13-byte GETs over h2c, h2load -c{s.h2_clients} -m{s.h2_streams}, "
+            f"{s.rounds} x {s.duration:g}s")
+    want = f"localhost:{HTTP_PORT}".encode()
+
+    def check(t: Target) -> tuple[bool, list[str]]:
+        body = h2_get(*t.addr(HTTP_PORT, h2=True), "/host")
+        if body is None:
+            return False, ["no answer over h2c (prior knowledge)"]
+        return True, [] if body == want else [f"HOST REWRITE WRONG over h2c: backend saw "
+                                              f"{body[:60]!r}"]
+    proxies, checks = _checked(run, "h2", [t for t in targets if t.kind == "proxy"], check)
+    _warm_up_h2(proxies, HTTP_PORT, "/", s)
+    run.scenarios["h2"] = {
+        "unit": "req/s", "clients": s.h2_clients, "streams": s.h2_streams,
+        "duration_s": s.duration, "checks": checks,
+        "targets": interleaved(run, "h2", proxies, _h2load_measure(
+            run, "h2", HTTP_PORT, "/", s.duration, s.h2_clients, s.h2_streams, len(HELLO)))}
+
+
+def grpc(run: Run, targets: list[Target]) -> None:
+    """Unary calls and server-streamed messages over h2c end to end, to grpcbackend.js."""
+    s = run.settings
+    run.log(f"[grpc] unary calls, h2load -c{s.h2_clients} -m{s.h2_streams}, {s.rounds} x "
+            f"{s.duration:g}s; server streams of {s.grpc_stream_messages:,} messages, "
+            f"{s.grpc_streams} at a time, {s.rounds} x {s.transfer_duration:g}s")
+
+    def check(t: Target) -> tuple[bool, list[str]]:
+        port, host = t.addr(GRPC_PORT, h2=True)
+        result = grpccheck.check(port, host)
+        found = grpccheck.problems(result, f"localhost:{GRPC_PORT}")
+        return result.get("unary") is True, found
+    usable, checks = _checked(run, "grpc", targets, check)
+    unary = grpc_body_file("unary", HELLO)
+    message = len(grpc_frame(grpccheck.STREAM_MESSAGE))
+    stream = grpc_body_file("stream", s.grpc_stream_messages.to_bytes(4, "big"))
+    stream_measure = _h2load_measure(run, "grpc_stream", GRPC_PORT, "/bench.Bench/Stream",
+                                     s.transfer_duration, s.grpc_streams, 1,
+                                     s.grpc_stream_messages * message, stream)
+
+    def messages(t: Target) -> dict:
+        out = stream_measure(t)
+        out["messages_per_s"] = out["data_bytes_per_s"] / message
+        return out
+    _warm_up_h2(usable, GRPC_PORT, "/bench.Bench/Unary", s, unary)
+    run.scenarios["grpc_unary"] = {
+        "unit": "calls/s", "clients": s.h2_clients, "streams": s.h2_streams,
+        "duration_s": s.duration, "checks": checks,
+        "targets": interleaved(run, "grpc_unary", usable, _h2load_measure(
+            run, "grpc_unary", GRPC_PORT, "/bench.Bench/Unary", s.duration, s.h2_clients,
+            s.h2_streams, len(grpc_frame(HELLO)), unary))}
+    run.scenarios["grpc_stream"] = {
+        "unit": "messages/s", "message_bytes": len(grpccheck.STREAM_MESSAGE),
+        "messages_per_call": s.grpc_stream_messages, "streams": s.grpc_streams,
+        "duration_s": s.transfer_duration, "checks": checks,
+        "targets": interleaved(run, "grpc_stream", usable, messages)}
 
 
 def scan_log(run: Run, name: str, proc) -> None:
