@@ -30,7 +30,8 @@ def ratios(results: dict, ours: str = "ours") -> dict:
 
 
 HEADLINE = {"small": "rps", "download": "bytes_per_s", "upload": "bytes_per_s",
-            "ws_echo": "round_trips_per_s", "ws_bulk": "bytes_per_s"}
+            "ws_echo": "round_trips_per_s", "ws_bulk": "bytes_per_s", "h2": "rps",
+            "grpc_unary": "rps", "grpc_stream": "messages_per_s"}
 
 
 def _line(scenario: str, goal: str, measured: float | None, op: str, needed: float,
@@ -63,6 +64,10 @@ def evaluate(results: dict) -> list[dict]:
         _line("upload", "10 MB uploads vs Traefik", vs("upload", "traefik"), ">=", 0.9, x),
         _line("ws_echo", "WebSocket echo vs bare relay", vs("ws_echo", "relay"), ">=", 0.8, x),
         _line("ws_bulk", "WebSocket bulk vs bare relay", vs("ws_bulk", "relay"), ">=", 0.8, x),
+        _line("h2", "HTTP/2 small req/s vs nginx", vs("h2", "nginx"), ">=", 0.5, x),
+        _line("h2", "HTTP/2 small req/s vs Traefik", vs("h2", "traefik"), ">=", 1.5, x),
+        _line("grpc_unary", "gRPC unary calls/s vs Traefik", vs("grpc_unary", "traefik"), ">=",
+              1.0, x),
     ]
     mem = results["scenarios"].get("memory", {}).get("targets", {}).get("ours", {})
     for kind, label in (("http_idle", "idle keep-alive connection"), ("ws_idle", "idle WebSocket")):

@@ -2,7 +2,8 @@
 
 Files for a run on date D, in the output directory (benchmarks/results/ for full runs):
   D.json, D.md                 the full results and the human-readable tables
-  D-throughput.png             req/s, MB/s, round trips/s per proxy (one panel per scenario)
+  D-throughput.png             req/s, MB/s, round trips/s, gRPC calls/s and messages/s per
+                               proxy (one panel per scenario)
   D-latency.png                small-request latency percentiles per proxy
   D-memory.png                 RSS per idle connection / WebSocket per proxy
 and the same charts as latest-*.png, stable names for the README to embed.
@@ -21,10 +22,15 @@ LABELS = {"ours": "sandbox-proxy", "nginx": "nginx", "haproxy": "HAProxy", "cadd
           "relay": "bare uvloop relay", "ours-1m": "sandbox-proxy, big registry",
           "ours-1": "sandbox-proxy, 1-sandbox registry"}
 SCALE = {"rps": (1, "{:,.0f}"), "bytes_per_s": (1e6, "{:,.0f}"),
-         "round_trips_per_s": (1, "{:,.0f}")}
+         "round_trips_per_s": (1, "{:,.0f}"), "messages_per_s": (1, "{:,.0f}")}
 TITLES = {"small": "Small requests (req/s)", "download": "10 MB downloads (MB/s)",
           "upload": "10 MB uploads (MB/s)", "ws_echo": "WebSocket 1 KiB echo (round trips/s)",
-          "ws_bulk": "WebSocket bulk one-way (MB/s)"}
+          "ws_bulk": "WebSocket bulk one-way (MB/s)", "h2": "HTTP/2 small requests (req/s)",
+          "grpc_unary": "gRPC unary (calls/s)", "grpc_stream": "gRPC server streaming (messages/s)"}
+# Scenarios reported side by side: (first, second, section title, their column headings)
+PAIRS = (("download", "upload", "10 MB transfers", "download MB/s", "upload MB/s"),
+         ("ws_echo", "ws_bulk", "WebSocket", "1 KiB echo round trips/s", "bulk one-way MB/s"),
+         ("grpc_unary", "grpc_stream", "gRPC", "unary calls/s", "streamed messages/s"))
 
 
 def label(name: str) -> str:
@@ -76,26 +82,11 @@ def markdown(results: dict) -> str:
                        + " | ".join(_fmt(md.get(f"p{p}_ms")) for p in (50, 75, 90, 99))
                        + f" | {errs} | {_fmt(md.get('proxy_cpu'))} |")
         out.append("")
-    for a, b, title, unit in (("download", "upload", "10 MB transfers", "MB/s"),
-                              ("ws_echo", "ws_bulk", "WebSocket", None)):
-        if a not in s and b not in s:
-            continue
-        names = list(dict.fromkeys(list(s.get(a, {}).get("targets", {}))
-                                   + list(s.get(b, {}).get("targets", {}))))
-        ha = "download MB/s" if unit else "1 KiB echo round trips/s"
-        hb = "upload MB/s" if unit else "bulk one-way MB/s"
-        out += [f"## {title}", "", f"| proxy | {ha} | ours / this | {hb} | ours / this |",
-                "|---|---:|---:|---:|---:|"]
-        for name in names:
-            cells = []
-            for sc in (a, b):
-                key = HEADLINE[sc]
-                div, spec = SCALE[key]
-                v = med(results, sc, name, key)
-                cells += [_fmt(None if v is None else v / div, spec),
-                          _ratio_cell(results, sc, name)]
-            out.append(f"| {label(name)} | " + " | ".join(cells) + " |")
-        out.append("")
+    if "h2" in s:
+        out += _h2_section(results)
+    for a, b, title, ha, hb in PAIRS:
+        if a in s or b in s:
+            out += _pair_section(results, a, b, title, ha, hb)
     if "memory" in s:
         mem = s["memory"]
         out += ["## Memory", "", f"RSS growth of the proxy's processes with {mem['n']:,} idle "
@@ -138,6 +129,66 @@ def markdown(results: dict) -> str:
                 for i in results["incidents"]]
         out.append("")
     return "\n".join(out)
+
+
+def _names(*recs: dict) -> list[str]:
+    """Every target of these scenario records, measured or left out by the check, in order."""
+    return list(dict.fromkeys(n for rec in recs for part in ("targets", "checks")
+                              for n in rec.get(part, {})))
+
+
+def _errors(rec: dict | None) -> int:
+    return sum(r.get("failed", 0) + r.get("non_2xx", 0) for r in (rec or {}).get("rounds", []))
+
+
+def _h2_section(results: dict) -> list[str]:
+    h2 = results["scenarios"]["h2"]
+    out = ["## HTTP/2 small requests", "",
+           f"13-byte body over cleartext HTTP/2 with prior knowledge (h2c), "
+           f"`h2load -c{h2['clients']} -m{h2['streams']}` ({h2['clients'] * h2['streams']} "
+           f"streams in flight), {h2['duration_s']:g} s per run; HTTP/1.1 from the proxy to the "
+           "backend, Host rewritten. Check: the Host the backend saw, fetched over h2c.", "",
+           "| proxy | req/s | ours / this | mean ms | errors | proxy CPU | check |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for name in _names(h2):
+        rec = h2["targets"].get(name)
+        md = (rec or {}).get("median", {})
+        out.append(f"| {label(name)} | {_fmt(md.get('rps'), '{:,.0f}')} | "
+                   f"{_ratio_cell(results, 'h2', name)} | {_fmt(md.get('mean_ms'))} | "
+                   f"{_errors(rec)} | {_fmt(md.get('proxy_cpu'))} | "
+                   f"{_cell(h2['checks'].get(name, ''), 200)} |")
+    out.append("")
+    return out
+
+
+def _pair_section(results: dict, a: str, b: str, title: str, ha: str, hb: str) -> list[str]:
+    s = results["scenarios"]
+    recs = [s.get(a, {}), s.get(b, {})]
+    checks = {**recs[0].get("checks", {}), **recs[1].get("checks", {})}
+    out = [f"## {title}", ""]
+    if a == "grpc_unary":
+        un, st = recs
+        out += [f"h2c end to end. Unary: `h2load -c{un['clients']} -m{un['streams']}` POSTing "
+                "one 13-byte message, 13-byte reply, "
+                f"{un['duration_s']:g} s per run. Server streaming: {st['streams']} h2load "
+                f"connections, one call at a time each, every call a stream of "
+                f"{st['messages_per_call']:,} messages of {st['message_bytes']} bytes, "
+                f"{st['duration_s']:g} s per run. Check: a real grpcio client through the "
+                "target (reply bytes, stream length, grpc-status 0, :authority seen).", ""]
+    heads = f"| proxy | {ha} | ours / this | {hb} | ours / this |" + (" check |" if checks else "")
+    out += [heads, "|---|---:|---:|---:|---:|" + ("---|" if checks else "")]
+    for name in _names(*recs):
+        cells = []
+        for sc in (a, b):
+            key = HEADLINE[sc]
+            div, spec = SCALE[key]
+            v = med(results, sc, name, key)
+            cells += [_fmt(None if v is None else v / div, spec), _ratio_cell(results, sc, name)]
+        if checks:
+            cells.append(_cell(checks.get(name, ""), 200))
+        out.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 def _ratio_cell(results: dict, scenario: str, name: str) -> str:
