@@ -50,12 +50,12 @@ class AccessLog:
 
     def record(self, client_ip: bytes, method: bytes, host: bytes, sandbox_id: str, port: int,
                target: bytes, status: int, bytes_in: int, bytes_out: int, duration: float,
-               connect_time: float, outcome: str, protocol: str) -> None:
+               connect_time: float, outcome: str, protocol: str, http: str = "h1") -> None:
         if not self.pending:
             self.loop.call_later(FLUSH_SECONDS, self.flush)
         self.pending.append((time.time(), client_ip, method, host, sandbox_id, port, target,
                              status, bytes_in, bytes_out, duration, connect_time, outcome,
-                             protocol))
+                             protocol, http))
 
     def flush(self) -> None:
         entries, self.pending = self.pending, []
@@ -85,24 +85,24 @@ class AccessLog:
 
     def _values(self, entry: tuple) -> tuple:
         (when, ip, method, host, sandbox_id, port, target, status, bytes_in, bytes_out,
-         duration, connect_time, outcome, protocol) = entry
+         duration, connect_time, outcome, protocol, http) = entry
         return (self._stamp(when), ip.decode("latin-1"), method.decode("latin-1"),
                 host.decode("latin-1"), sandbox_id, port,
                 target.partition(b"?")[0].decode("latin-1"), status, bytes_in, bytes_out,
-                duration, connect_time, outcome, protocol)
+                duration, connect_time, outcome, protocol, http)
 
     def _format_json(self, entries: list[tuple]) -> bytes:
         lines = []
         for e in entries:
             (stamp, ip, method, host, sandbox_id, port, path, status, bytes_in, bytes_out,
-             duration, connect_time, outcome, protocol) = self._values(e)
+             duration, connect_time, outcome, protocol, http) = self._values(e)
             lines.append(
                 f'{{"time": "{stamp}", "client_ip": "{ip}", "method": {_js(method)}, '
                 f'"host": {_js(host)}, "sandbox_id": "{sandbox_id}", "port": {port}, '
                 f'"path": {_js(path)}, "status": {status}, "bytes_in": {bytes_in}, '
                 f'"bytes_out": {bytes_out}, "duration": {duration:.6f}, '
                 f'"connect_time": {connect_time:.6f}, "outcome": "{outcome}", '
-                f'"protocol": "{protocol}"}}\n')
+                f'"protocol": "{protocol}", "http": "{http}"}}\n')
         return "".join(lines).encode()
 
     def _format_text(self, entries: list[tuple]) -> bytes:
@@ -112,7 +112,7 @@ class AccessLog:
             lines.append(f'{v[0]} {v[1]} "{v[2]} {_text(v[6])}" {v[7]} in={v[8]} out={v[9]} '
                          f'{v[10]:.6f}s connect={v[11]:.6f}s host={_text(v[3])} '
                          f'sandbox={v[4] or "-"} '
-                         f'port={v[5]} {v[12]} {v[13]}\n')
+                         f'port={v[5]} {v[12]} {v[13]} {v[14]}\n')
         return "".join(lines).encode()
 
     def _write(self) -> None:

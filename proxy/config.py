@@ -51,6 +51,8 @@ class ServerConfig:
     drain_delay: float = 5.0     # after SIGTERM: /readyz 503 while still accepting
     drain_timeout: float = 30.0  # then in-flight requests and streams get this long
     proxy_protocol: bool = False
+    # HTTP/2: ALPN h2 on the TLS listener, prior-knowledge h2c on a plain one (proxy/h2_edge.py)
+    http2: bool = True
     tls: TlsConfig | None = None
 
 
@@ -111,6 +113,8 @@ class TimeoutsConfig:
     client_header: float = 10.0
     client_idle: float = 620.0
     upstream_idle: float = 610.0
+    # an HTTP/2 response that cannot move (the client keeps its window shut) is reset after this
+    client_send: float = 120.0
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -139,6 +143,14 @@ class LimitsConfig:
     max_request_line: int = 16384
     sandbox_connections: int = 0  # 0 = unlimited
     max_connections: int = 0      # 0 = unlimited
+    # HTTP/2 (proxy/h2_edge.py): streams a client may have open, the request-body bytes it may
+    # send ahead per stream and per connection (what the proxy buffers at most), and how many
+    # frames that carry no request (PING, SETTINGS, PRIORITY, RST_STREAM, empty DATA, surplus
+    # WINDOW_UPDATE) it may send per second before it is told to calm down (GOAWAY)
+    http2_max_streams: int = 100
+    http2_stream_window: int = 262144
+    http2_connection_window: int = 1048576
+    http2_max_control_frames: int = 1000
 
 
 @dataclass(frozen=True)
@@ -462,11 +474,12 @@ def _parse_server(s: _Section, base_dir: Path) -> ServerConfig:
         drain_delay=s.number("drain_delay", d.drain_delay, allow_zero=True),
         drain_timeout=s.number("drain_timeout", d.drain_timeout, allow_zero=True),
         proxy_protocol=s.get("proxy_protocol", d.proxy_protocol, bool),
+        http2=s.get("http2", d.http2, bool),
         tls=(_parse_tls(_Section(s.source, "server.tls", s.table["tls"]), base_dir)
              if "tls" in s.table else None),
     )
     s.finish({"listen", "domains", "workers", "trusted_proxies", "backlog", "drain_delay",
-              "drain_timeout", "proxy_protocol", "tls"})
+              "drain_timeout", "proxy_protocol", "http2", "tls"})
     return config
 
 
@@ -579,7 +592,8 @@ def _parse_metrics(s: _Section) -> MetricsConfig:
 
 def _parse_timeouts(s: _Section) -> TimeoutsConfig:
     d = TimeoutsConfig()
-    names = ("connect", "upstream_header", "client_header", "client_idle", "upstream_idle")
+    names = ("connect", "upstream_header", "client_header", "client_idle", "upstream_idle",
+             "client_send")
     config = TimeoutsConfig(**{n: s.number(n, getattr(d, n)) for n in names})
     s.finish(set(names))
     return config
@@ -626,9 +640,17 @@ def _parse_limits(s: _Section) -> LimitsConfig:
         max_request_line=s.integer("max_request_line", d.max_request_line, 256, 1 << 24),
         sandbox_connections=s.integer("sandbox_connections", d.sandbox_connections, 0),
         max_connections=s.integer("max_connections", d.max_connections, 0),
+        http2_max_streams=s.integer("http2_max_streams", d.http2_max_streams, 1, 10_000),
+        http2_stream_window=s.integer("http2_stream_window", d.http2_stream_window, 65535,
+                                      (1 << 31) - 1),
+        http2_connection_window=s.integer("http2_connection_window", d.http2_connection_window,
+                                          65535, (1 << 31) - 1),
+        http2_max_control_frames=s.integer("http2_max_control_frames",
+                                           d.http2_max_control_frames, 10, 1_000_000),
     )
     s.finish({"max_header_bytes", "max_header_count", "max_request_line",
-              "sandbox_connections", "max_connections"})
+              "sandbox_connections", "max_connections", "http2_max_streams",
+              "http2_stream_window", "http2_connection_window", "http2_max_control_frames"})
     return config
 
 

@@ -73,6 +73,7 @@ class EdgeContext:
             ([self.query_parameter] if c.access.browser_cookie else [])
             + ([share.QUERY_PARAMETER] if self.share_key is not None else []))
         self.isolate_cookies = c.access.isolate_cookies
+        self.http2 = c.server.http2
         self.header_routing = c.routing.header_routing
         self.sandbox_id_header = c.routing.sandbox_id_header.lower().encode()
         self.sandbox_port_header = c.routing.sandbox_port_header.lower().encode()
@@ -83,9 +84,8 @@ class EdgeContext:
         registry = self.registry
         gauges: dict[str, float] = {
             "client_connections": len(connections),
-            "requests_in_flight": sum(1 for c in connections
-                                      if c.active is not None and c.tunnel is None),
-            "open_streams": sum(1 for c in connections if c.tunnel is not None),
+            "requests_in_flight": sum(c.requests_in_flight for c in connections),
+            "open_streams": sum(c.open_streams for c in connections),
             "draining": int(self.draining),
             "event_loop_tasks": len(asyncio.all_tasks(self.loop)),
             "registry_ready": int(registry.ready()),

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from proxy.context import EdgeContext
     from proxy.exchange import Exchange
-    from proxy.flow import ReadGate
     from proxy.upstream import UpstreamConnection
 
 
@@ -39,12 +38,25 @@ class ResponseDestination(Protocol):
     def flush(self) -> None: ...
 
 
+class Gate(Protocol):
+    """Stops the client's request bytes while any reason (proxy/flow.py's bits) is set: a
+    paused socket (HTTP/1.1, flow.ReadGate) or withheld flow-control credit (an HTTP/2 stream,
+    h2_stream.StreamGate)."""
+
+    def pause(self, reason: int) -> None: ...
+    def resume(self, reason: int) -> None: ...
+
+
 class ClientSide(Protocol):
-    """What an HTTP/1.1 exchange uses of its client connection."""
+    """What an exchange uses of its client: an HTTP/1.1 connection (proxy/edge.py) or an HTTP/2
+    stream (proxy/h2_stream.py)."""
 
     ctx: EdgeContext
     loop: asyncio.AbstractEventLoop
-    gate: ReadGate
+
+    @property
+    def gate(self) -> Gate: ...
+
     out: list[bytes]         # bytes for the client, written by flush_out in one writelines
     client_ip: bytes
     trusted: bool

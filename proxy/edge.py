@@ -38,6 +38,7 @@ from proxy.admission import route_request
 from proxy.context import EdgeContext
 from proxy.exchange import RECEIVED, SENT, WAITING, Exchange
 from proxy.flow import PEER_FULL, WAITING_TURN, WAITING_UPSTREAM, ReadGate, peer_closed, reset
+from proxy.h2_edge import PREFACE, Http2Connection
 from proxy.tunnel import Tunnel
 from proxy.upstream import UpstreamConnection
 
@@ -67,7 +68,7 @@ class ClientConnection(asyncio.Protocol):
         "host_cache", "feed", "parsing", "active", "queued", "ready", "feeding", "upgrading",
         "held", "pending_error", "body_left", "in_head", "head_bytes", "quiet_bytes",
         "head_error", "out", "writing_paused", "closing", "closed", "deadline", "deadline_kind",
-        "tunnel", "tunnel_peer", "tunnel_in",
+        "tunnel", "tunnel_peer", "tunnel_in", "preface",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: str | None = None):
@@ -110,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Tunnel | None = None
         self.tunnel_peer: asyncio.Transport | None = None
         self.tunnel_in = 0  # bytes relayed to the backend after a 101
+        self.preface = b""  # the start of an HTTP/2 client preface, still incomplete
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,6 +124,14 @@ class ClientConnection(asyncio.Protocol):
             ip = peer[0] if isinstance(peer, tuple) else "-"
         self.client_ip = ip.encode()
         self.trusted = ctx.is_trusted(ip)
+        if ctx.http2:
+            tls = transport.get_extra_info("ssl_object")
+            if tls is None:
+                self.feed = self.feed_first  # h2c with prior knowledge starts with the preface
+            elif tls.selected_alpn_protocol() == "h2":
+                ctx.stats.connections_opened += 1
+                self.become_http2(b"")
+                return
         self.set_deadline(HEADER_DUE, ctx.client_header_timeout)
         ctx.sweeper.watched.add(self)
         ctx.connections.add(self)
@@ -242,6 +252,34 @@ class ClientConnection(asyncio.Protocol):
 
     def feed_nothing(self, data: bytes) -> None:
         pass
+
+    def feed_first(self, data: bytes) -> None:
+        """The first bytes of a plain connection: the HTTP/2 client preface (RFC 9113 3.4) hands
+        the socket to proxy/h2_edge.py; anything else is HTTP/1.1."""
+        data = self.preface + data
+        if data[:len(PREFACE)] == PREFACE[:len(data)]:
+            if len(data) < len(PREFACE):
+                self.preface = data  # a preface split across reads
+                return
+            self.become_http2(data)
+            return
+        self.preface = b""
+        self.feed = None
+        self.data_received(data)
+
+    def become_http2(self, data: bytes) -> None:
+        """From now on the socket speaks HTTP/2: an Http2Connection takes it over."""
+        ctx = self.ctx
+        ctx.sweeper.watched.discard(self)
+        ctx.connections.discard(self)
+        self.closed = self.closing = True
+        self.feed = self.feed_nothing
+        self.parser = _CLOSED_PARSER
+        h2 = Http2Connection(ctx, self.client_ip, self.trusted)
+        self.transport.set_protocol(h2)
+        h2.connection_made(self.transport)
+        if data:
+            h2.data_received(data)
 
     def hold_after_upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request: keep what follows unparsed until the request
@@ -522,6 +560,15 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.closing = True
             self.transport.close()
+
+    # what the gauges count (proxy/context.py)
+    @property
+    def requests_in_flight(self) -> int:
+        return self.active is not None and self.tunnel is None
+
+    @property
+    def open_streams(self) -> int:
+        return self.tunnel is not None
 
     def drain(self) -> None:
         """Shutting down: finish the exchange under way, then close; close idle ones now."""

@@ -281,48 +281,55 @@ code{{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}}</style></head>
 PREFLIGHT_MAX_AGE = 600  # seconds a browser may cache the proxy's own preflight answer
 
 
-def render_preflight(request_headers: bytes | None, *, close: bool) -> bytes:
+def preflight_fields(request_headers: bytes | None) -> list[tuple[bytes, bytes]]:
     """The proxy's answer to a CORS preflight it must answer itself (no sandbox can): 204 with the
     same open CORS policy as every error, so the browser goes on to send the real request and
     can read the proxy's JSON answer to it. `request_headers` is the preflight's
     Access-Control-Request-Headers, echoed (a field-value the client sent: only visible ASCII
     and spaces are kept)."""
-    head = [b"HTTP/1.1 204 No Content\r\n",
-            b"Access-Control-Allow-Origin: *\r\n",
-            b"Access-Control-Allow-Methods: *\r\n"]
+    fields = [(b"Access-Control-Allow-Origin", b"*"), (b"Access-Control-Allow-Methods", b"*")]
     if request_headers:
         echoed = bytes(c for c in request_headers if 32 <= c < 127)
         if echoed.strip():
-            head.append(b"Access-Control-Allow-Headers: " + echoed.strip() + b"\r\n")
-    head.append(b"Access-Control-Max-Age: %d\r\n" % PREFLIGHT_MAX_AGE)
-    head.append(b"Cache-Control: no-store\r\n")
+            fields.append((b"Access-Control-Allow-Headers", echoed.strip()))
+    fields.append((b"Access-Control-Max-Age", b"%d" % PREFLIGHT_MAX_AGE))
+    fields.append((b"Cache-Control", b"no-store"))
+    return fields
+
+
+def render_preflight(request_headers: bytes | None, *, close: bool) -> bytes:
+    """preflight_fields as a complete HTTP/1.1 response."""
+    head = [b"HTTP/1.1 204 No Content\r\n"]
+    head += [name + b": " + value + b"\r\n" for name, value in preflight_fields(request_headers)]
     if close:
         head.append(b"Connection: close\r\n")
     head.append(b"\r\n")
     return b"".join(head)
 
 
-def render_error(error: ProxyError, *, html_page: bool, head_only: bool, close: bool) -> bytes:
-    """The complete HTTP/1.1 response for `error`, ready to write to the client."""
+def error_body(error: ProxyError, *, html_page: bool) -> tuple[bytes, bytes]:
+    """(Content-Type, body) of the answer to `error`: JSON for programs, a page for people."""
     status = error.status
-    phrase = HTTPStatus(status).phrase
     if error.text_only:
-        content_type = b"text/plain; charset=utf-8"
-        body = (error.message + "\n").encode()
-    elif html_page:
-        content_type = b"text/html; charset=utf-8"
+        return b"text/plain; charset=utf-8", (error.message + "\n").encode()
+    if html_page:
         detail = []
         if error.sandbox_id is not None:
             detail.append(f"Sandbox <code>{html.escape(error.sandbox_id)}</code>")
         if error.port is not None:
             detail.append(f"port <code>{error.port}</code>")
-        body = _HTML_PAGE.format(status=status, phrase=phrase, message=html.escape(error.message),
-                                 detail=", ".join(detail)).encode()
-    else:
-        content_type = b"application/json"
-        body = json.dumps(error.json_body()).encode()
+        return b"text/html; charset=utf-8", _HTML_PAGE.format(
+            status=status, phrase=HTTPStatus(status).phrase, message=html.escape(error.message),
+            detail=", ".join(detail)).encode()
+    return b"application/json", json.dumps(error.json_body()).encode()
+
+
+def render_error(error: ProxyError, *, html_page: bool, head_only: bool, close: bool) -> bytes:
+    """The complete HTTP/1.1 response for `error`, ready to write to the client."""
+    status = error.status
+    content_type, body = error_body(error, html_page=html_page)
     head = [
-        b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode()),
+        b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
         b"Content-Type: " + content_type + b"\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Access-Control-Allow-Origin: *\r\n",

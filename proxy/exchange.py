@@ -99,7 +99,7 @@ class Exchange:
         # the response
         "status", "body", "backend", "upstream_reusable", "close_after", "envelopes",
         # accounting
-        "started", "bytes_in", "bytes_out", "connect_time", "protocol", "outcome", "ended",
+        "started", "bytes_in", "bytes_out", "connect_time", "protocol", "http", "outcome", "ended",
     )
 
     def __init__(self, conn: ClientSide) -> None:
@@ -144,6 +144,7 @@ class Exchange:
         self.bytes_out = 0      # response body bytes
         self.connect_time = 0.0  # seconds spent opening a backend connection (0: pooled)
         self.protocol = "http"  # http | sse | websocket | tunnel
+        self.http = "h1"        # the client's protocol: h1 | h2 | grpc (native gRPC over h2)
         self.outcome = "ok"
         self.ended = False      # accounted for (metrics, access log)
 
@@ -536,11 +537,7 @@ class Exchange:
         close = (error.close or not self.keep_alive or self.close_after or ctx.draining
                  or (self.has_body and self.request != RECEIVED))
         status = error.status
-        if self.method == b"OPTIONS" and status >= 400 and not isinstance(
-                error, errors.BadRequest) and self.header(b"access-control-request-method"):
-            # A CORS preflight nobody else can answer: let the browser send the real request,
-            # whose answer (ours, with CORS) it can then read. Preflights that reach a live
-            # sandbox are the sandbox's to answer.
+        if self.preflight(error):
             status = 204
             conn.out.append(errors.render_preflight(
                 self.header(b"access-control-request-headers"), close=close))
@@ -558,12 +555,20 @@ class Exchange:
         else:
             self.response_finished()
 
+    def preflight(self, error: errors.ProxyError) -> bool:
+        """A CORS preflight nobody else can answer: the proxy answers 204, so the browser sends
+        the real request, whose answer (ours, with CORS) it can then read. Preflights that reach
+        a live sandbox are the sandbox's to answer."""
+        return (self.method == b"OPTIONS" and error.status >= 400
+                and not isinstance(error, errors.BadRequest)
+                and self.header(b"access-control-request-method") is not None)
+
     # -- 6. the end --------------------------------------------------------------------------
     def record_response(self, status: int, protocol: str, origin: str = "backend") -> None:
         self.status = status
         self.protocol = protocol
         stats = self.conn.ctx.stats
-        stats.response(status, self.method, protocol, origin)
+        stats.response(status, self.method, protocol, origin, self.http)
         if self.started:
             stats.response_duration.observe(monotonic() - self.started)
 
@@ -604,7 +609,7 @@ class Exchange:
             ctx.access_log.record(conn.client_ip, self.method, self.host, self.sandbox_id,
                                   self.port, self.target, self.status, self.bytes_in,
                                   self.bytes_out, duration, self.connect_time, self.outcome,
-                                  self.protocol)
+                                  self.protocol, self.http)
 
 
 class RateLimitedWarning:

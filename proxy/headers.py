@@ -339,13 +339,35 @@ NOT_IN_TRAILERS = _SPECIAL | frozenset({
 })
 
 
+def _trailer_allowed(lname: bytes, private: frozenset[bytes]) -> bool:
+    lname = lname.replace(b"_", b"-")
+    return lname not in NOT_IN_TRAILERS and lname not in private
+
+
 def trailer_lines(trailers: list[tuple[bytes, bytes]],
                   private: frozenset[bytes] = frozenset()) -> bytes:
     """Chunked trailer section, ending the message: fields a trailer may not carry (NOT_IN_TRAILERS)
     and `private` ones are dropped, under any spelling."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in trailers
+                    if _trailer_allowed(name.lower(), private))
+
+
+def trailer_fields(trailers: Iterable[tuple[bytes, bytes]],
+                   private: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """The same filter as trailer_lines, as HTTP/2 fields (lower-case names)."""
     kept = []
     for name, value in trailers:
-        lname = name.lower().replace(b"_", b"-")
-        if lname not in NOT_IN_TRAILERS and lname not in private:
-            kept.append(name + b": " + value + b"\r\n")
-    return b"".join(kept)
+        lname = name.lower()
+        if _trailer_allowed(lname, private):
+            kept.append((lname, value))
+    return kept
+
+
+def fields_of_lines(lines: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+    """Header lines (b"Name: value\\r\\n", as the scans produce them) as HTTP/2 fields: lower-case
+    names (RFC 9113 8.2.1)."""
+    fields = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(b" \t\r\n")))
+    return fields

@@ -85,11 +85,15 @@ class SnapshotCollector:
         if not s:
             return
         requests = CounterMetricFamily(P + "requests", "Responses sent, by status class, "
-                                       "method, protocol (http, websocket, sse, tunnel) and "
-                                       "origin (backend: relayed; proxy: the proxy's own answer)",
-                                       labels=["code_class", "method", "protocol", "origin"])
-        for code_class, method, protocol, origin, n in s["responses"]:
-            requests.add_metric([code_class, method, protocol, origin], n)
+                                       "method, protocol (http, websocket, sse, tunnel), "
+                                       "origin (backend: relayed; proxy: the proxy's own answer) "
+                                       "and the client's HTTP (h1, h2, grpc: native gRPC)",
+                                       labels=["code_class", "method", "protocol", "origin",
+                                               "http"])
+        for *labels, n in s["responses"]:
+            if len(labels) == 4:  # a snapshot written before the http label existed
+                labels.append("h1")
+            requests.add_metric(labels, n)
         yield requests
         yield _histogram(P + "request_duration_seconds",
                          "Time from a complete request head to the response head",
@@ -102,9 +106,11 @@ class SnapshotCollector:
         yield streams
         for key, doc in (("request_bytes", "Request body bytes received from clients"),
                          ("response_bytes", "Response body bytes sent to clients"),
-                         ("connections_opened", "Client connections accepted")):
+                         ("connections_opened", "Client connections accepted"),
+                         ("h2_connections", "Client connections that spoke HTTP/2"),
+                         ("h2_streams", "HTTP/2 streams (requests) opened by clients")):
             counter = CounterMetricFamily(P + key, doc)
-            counter.add_metric([], s[key])
+            counter.add_metric([], s.get(key, 0))
             yield counter
         yield _histogram(P + "upstream_connect_duration_seconds",
                          "Time to open a new backend connection", s["connect_duration"])
@@ -114,6 +120,12 @@ class SnapshotCollector:
         for reason, n in sorted(s["connect_failures"].items()):
             failures.add_metric([reason], n)
         yield failures
+        goaways = CounterMetricFamily(P + "h2_goaways",
+                                      "HTTP/2 connections ended with GOAWAY for the client's "
+                                      "misbehaviour, by reason", labels=["reason"])
+        for reason, n in sorted(s.get("h2_goaways", {}).items()):
+            goaways.add_metric([reason], n)
+        yield goaways
         retries = CounterMetricFamily(P + "upstream_retries",
                                       "Requests retried on a fresh backend connection")
         retries.add_metric([], s["retries"])

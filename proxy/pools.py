@@ -4,7 +4,7 @@ connect.
 `UpstreamPool` keeps idle keep-alive connections (proxy/upstream.py) for one (sandbox, address,
 port): pools are never shared across sandboxes, so an address reused by the next sandbox can never
 be handed the previous one's connection. `UpstreamPools` finds pools and closes every connection
-of a sandbox the registry removed. `BackendPolicy` decides which resolved addresses may be
+of a sandbox the registry removed (HTTP/1.1 ones, and the one h2c connection gRPC calls share). `BackendPolicy` decides which resolved addresses may be
 connected to; the address checked is the address connected to.
 """
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import monotonic
+from typing import Any, Protocol, TypeVar
 
 from proxy.config import ListenAddress, ProxyConfig
 from proxy.stats import Stats
@@ -22,6 +23,13 @@ from proxy.timeouts import DeadlineSweeper
 from proxy.upstream import UpstreamConnection
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+class PoolMember(Protocol):
+    """What a pool needs of each of its open connections: to close it at once."""
+
+    def abort(self) -> None: ...
 
 
 class ConnectFailed(Exception):
@@ -60,14 +68,18 @@ class BackendPolicy:
 class UpstreamPool:
     """Idle keep-alive connections to one backend address of one sandbox."""
 
-    __slots__ = ("pools", "key", "sandbox_id", "host", "port", "idle", "members")
+    __slots__ = ("pools", "key", "sandbox_id", "host", "port", "idle", "members", "multiplexed")
 
     def __init__(self, pools: UpstreamPools, key: tuple[str, str, int]):
         self.pools = pools
         self.key = key
         self.sandbox_id, self.host, self.port = key
         self.idle: list[UpstreamConnection] = []
-        self.members: set[UpstreamConnection] = set()
+        # every open connection: HTTP/1.1 ones, and the HTTP/2 one gRPC calls share
+        self.members: set[PoolMember] = set()
+        # the h2c connection native gRPC calls to this backend are multiplexed on
+        # (proxy/grpc_upstream.py), or the task opening it
+        self.multiplexed: Any = None
 
     def take(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -121,7 +133,12 @@ class UpstreamPool:
         raise BackendRefused(reasons[-1])
 
     async def connect(self) -> UpstreamConnection:
-        """Open a new connection, retrying refused connects with a doubling backoff."""
+        """Open a new HTTP/1.1 connection (see open)."""
+        return await self.open(lambda: UpstreamConnection(self))
+
+    async def open(self, protocol: Callable[[], P]) -> P:
+        """Open a new connection to the backend with the protocol `protocol` makes (checked
+        against the address policy), retrying refused connects with a doubling backoff."""
         pools = self.pools
         loop = pools.loop
         stats = pools.stats
@@ -134,8 +151,7 @@ class UpstreamPool:
             try:
                 async with asyncio.timeout(pools.connect_timeout):
                     ip = await self.resolve()
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self), ip, self.port)
+                    _, conn = await loop.create_connection(protocol, ip, self.port)
                 stats.connect_duration.observe(monotonic() - started)
                 return conn
             except BackendRefused:
@@ -161,6 +177,7 @@ class UpstreamPool:
         for conn in list(self.members):
             conn.abort()
         self.idle.clear()
+        self.multiplexed = None
 
 
 class UpstreamPools:

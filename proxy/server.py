@@ -58,8 +58,8 @@ LOADED_POLL_SECONDS = 0.05  # until the registry's first answer
 # What SIGHUP cannot change (sockets, processes, the registry and admin listener, the log
 # writer): a change to any of these is reported and takes effect after a restart.
 RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
-                ("server", "proxy_protocol"), ("server", "tls"), ("registry", None),
-                ("metrics", None), ("admin", None), ("log", "access"), ("activity", None))
+                ("server", "proxy_protocol"), ("server", "http2"), ("server", "tls"),
+                ("registry", None), ("metrics", None), ("admin", None), ("log", "access"), ("activity", None))
 
 
 def install_event_loop_policy() -> None:
@@ -108,7 +108,7 @@ class Worker:
         self.stop = asyncio.Event()
         self.interrupted = False  # SIGINT: someone at a terminal, no load balancer to wait for
         self.loaded = False  # the registry has answered once: this instance can take traffic
-        self.certificates = (CertificateStore(config.server.tls)
+        self.certificates = (CertificateStore(config.server.tls, config.server.http2)
                              if config.server.tls is not None else None)
 
     async def serve(self) -> None:
@@ -296,7 +296,7 @@ def _keep_restart_keys(new: ProxyConfig, old: ProxyConfig) -> ProxyConfig:
     from dataclasses import replace
     server = replace(new.server, listen=old.server.listen, workers=old.server.workers,
                      backlog=old.server.backlog, proxy_protocol=old.server.proxy_protocol,
-                     tls=old.server.tls)
+                     http2=old.server.http2, tls=old.server.tls)
     return replace(new, server=server, registry=old.registry, metrics=old.metrics,
                    admin=old.admin, log=replace(new.log, access=old.log.access))
 

@@ -51,12 +51,16 @@ class Stats:
     """Everything one process measured since it started."""
 
     def __init__(self, registry_kind: str = "static") -> None:
-        # (status // 100, method as llhttp gave it, protocol, origin): labels are made at
-        # snapshot time. origin: "backend" relayed a backend's answer, "proxy" answered itself.
-        self.responses: dict[tuple[int, bytes, str, str], int] = {}
+        # (status // 100, method as llhttp gave it, protocol, origin, http): labels are made at
+        # snapshot time. origin: "backend" relayed a backend's answer, "proxy" answered itself;
+        # http: the client's protocol (h1, h2, or grpc: native gRPC over HTTP/2).
+        self.responses: dict[tuple[int, bytes, str, str, str], int] = {}
         self.request_bytes = 0
         self.response_bytes = 0
         self.connections_opened = 0
+        self.h2_connections = 0     # of them, the ones that became HTTP/2
+        self.h2_streams = 0
+        self.h2_goaways: dict[str, int] = {}  # GOAWAYs the proxy sent for a client's misdeed
         self.response_duration = Histogram(RESPONSE_BUCKETS)  # time to the response head
         self.stream_duration = {"websocket": Histogram(STREAM_BUCKETS),
                                 "sse": Histogram(STREAM_BUCKETS),
@@ -73,10 +77,14 @@ class Stats:
         self.lookups: dict[tuple[str, str], int] = {}  # (registry kind, outcome), remote ones
         self.lookup_duration = Histogram(LOOKUP_BUCKETS)
 
-    def response(self, status: int, method: bytes, protocol: str, origin: str) -> None:
-        key = (status // 100, method, protocol, origin)
+    def response(self, status: int, method: bytes, protocol: str, origin: str,
+                 http: str = "h1") -> None:
+        key = (status // 100, method, protocol, origin, http)
         responses = self.responses
         responses[key] = responses.get(key, 0) + 1
+
+    def h2_goaway(self, reason: str) -> None:
+        self.h2_goaways[reason] = self.h2_goaways.get(reason, 0) + 1
 
     def lookup(self, outcome: str, seconds: float | None = None) -> None:
         """A look-up that went to a remote store (the in-memory ones are counted inline)."""
@@ -95,10 +103,10 @@ class Stats:
             self.last_reload_success[what] = when
 
     def snapshot(self, gauges: dict[str, float]) -> Snapshot:
-        responses: dict[tuple[str, str, str, str], int] = {}
-        for (klass, method, protocol, origin), n in self.responses.items():
+        responses: dict[tuple[str, str, str, str, str], int] = {}
+        for (klass, method, protocol, origin, http), n in self.responses.items():
             key = (CODE_CLASSES[klass] if klass < 6 else "5xx", METHODS.get(method, "other"),
-                   protocol, origin)
+                   protocol, origin, http)
             responses[key] = responses.get(key, 0) + n
         lookups = dict(self.lookups)
         for outcome, n in (("found", self.lookups_found), ("not_found", self.lookups_not_found)):
@@ -109,6 +117,9 @@ class Stats:
             "responses": [[*k, v] for k, v in responses.items()],
             "request_bytes": self.request_bytes,
             "connections_opened": self.connections_opened,
+            "h2_connections": self.h2_connections,
+            "h2_streams": self.h2_streams,
+            "h2_goaways": dict(self.h2_goaways),
             "response_bytes": self.response_bytes,
             "response_duration": self.response_duration.snapshot(),
             "stream_duration": {k: h.snapshot() for k, h in self.stream_duration.items()},
@@ -161,10 +172,11 @@ def _start_time() -> float:
 
 ROW_COUNTERS = ("responses", "reloads", "lookups")          # [[*labels, n], ...]
 NUMBERS = ("request_bytes", "response_bytes", "retries", "connections_opened",
-           "access_log_dropped")
+           "h2_connections", "h2_streams", "access_log_dropped")
 HISTOGRAMS = ("response_duration", "connect_duration", "lookup_duration", "resume_duration")
 KEYED_HISTOGRAMS = ("stream_duration",)                      # {label: histogram}
-KEYED_COUNTS = ("connect_failures", "resumes", "gauges", "process")  # {label: n}, summed ...
+KEYED_COUNTS = ("connect_failures", "h2_goaways", "resumes", "gauges",
+                "process")                                   # {label: n}, summed ...
 NOT_SUMMED = {("gauges", "sandboxes"): max,                  # ... except these
               ("process", "start_time_seconds"): max}        # (the latest start of any)
 KEYED_LATEST = ("last_reload_success",)                      # {label: unix time}, the latest

@@ -31,20 +31,22 @@ def _signature(config: TlsConfig) -> tuple[FileSignature, ...]:
     return tuple(sig)
 
 
-def _new_context(config: TlsConfig) -> ssl.SSLContext:
+def _new_context(config: TlsConfig, http2: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
+    # ALPN: each connection speaks what was negotiated (proxy/edge.py hands h2 to h2_edge.py)
+    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     context.load_cert_chain(config.cert, config.key)
     return context
 
 
 class CertificateStore:
-    def __init__(self, config: TlsConfig):
+    def __init__(self, config: TlsConfig, http2: bool = False):
         self.config = config
+        self.http2 = http2
         self._signature = _signature(config)
         try:
-            self.context = _new_context(config)
+            self.context = _new_context(config, http2)
         except (OSError, ssl.SSLError) as exc:
             from proxy.config import ConfigError
             raise ConfigError(f"[server.tls] cert/key: cannot load {config.cert} and "
@@ -57,7 +59,7 @@ class CertificateStore:
             return None
         self._signature = signature
         try:
-            _new_context(self.config)  # prove the new pair first
+            _new_context(self.config, self.http2)  # prove the new pair first
             self.context.load_cert_chain(self.config.cert, self.config.key)
         except (OSError, ssl.SSLError) as exc:
             log.error("certificate reload failed, keeping the previous one: %s", exc)

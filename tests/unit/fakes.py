@@ -157,11 +157,11 @@ class RecordingAccessLog(AccessLog):
         self.records: list[dict[str, Any]] = []
 
     def record(self, client_ip, method, host, sandbox_id, port, target, status, bytes_in,
-               bytes_out, duration, connect_time, outcome, protocol) -> None:
+               bytes_out, duration, connect_time, outcome, protocol, http="h1") -> None:
         self.records.append(dict(
             client_ip=client_ip, method=method, host=host, sandbox_id=sandbox_id, port=port,
             target=target, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-            outcome=outcome, protocol=protocol))
+            outcome=outcome, protocol=protocol, http=http))
 
 
 def _toml(tables: dict[str, dict[str, Any]]) -> str:

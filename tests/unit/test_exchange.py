@@ -110,7 +110,7 @@ async def test_get(tmp_path):
     assert b.pool.idle == [b.up] and b.up.client is None
     (rec,) = e.records
     assert (rec["status"], rec["bytes_out"], rec["outcome"]) == (200, 5, "ok")
-    assert e.ctx.stats.responses == {(2, b"GET", "http", "backend"): 1}
+    assert e.ctx.stats.responses == {(2, b"GET", "http", "backend", "h1"): 1}
     e.transport.lose()
     assert len(e.records) == 1
 
@@ -169,7 +169,7 @@ async def test_proxy_error_answer(tmp_path):
     e.send(request(host=b"3000-nosuch.localhost"))
     (rec,) = e.records
     assert (rec["status"], rec["outcome"]) == (502, "SandboxNotFound")
-    assert e.ctx.stats.responses == {(5, b"GET", "http", "proxy"): 1}
+    assert e.ctx.stats.responses == {(5, b"GET", "http", "proxy", "h1"): 1}
     assert e.conn.active is None
 
 

@@ -1,0 +1,352 @@
+"""HTTP/2 edge: the client-facing HTTP/2 connection, one per socket.
+
+A client connection starts as HTTP/1.1 (proxy/edge.py). When TLS negotiated `h2` by ALPN, or a
+plain connection opens with the HTTP/2 client preface (prior knowledge, h2c), the socket is
+handed to an `Http2Connection`. Framing, HPACK and the stream state machine are the `h2`
+library's (python-hyper); this module owns what lives as long as the socket: the library's
+connection object, the streams (proxy/h2_stream.py: each is one request, served by an exchange
+exactly as an HTTP/1.1 request is), writing, the deadline, and the bounds that keep a hostile
+client cheap:
+
+- what a client may send ahead is its flow-control window: per stream
+  (`[limits] http2_stream_window`) and per connection (`http2_connection_window`); the window
+  reopens only as the sandbox takes the bytes, so request bodies never pile up in the proxy;
+- concurrent streams (`http2_max_streams`, SETTINGS_MAX_CONCURRENT_STREAMS); HEADERS plus
+  CONTINUATION are bounded by the header list size (`max_header_bytes`, SETTINGS and the HPACK
+  decoder) and by the library's CONTINUATION backlog; the HPACK table stays at 4 KiB;
+- frames that make the proxy work without carrying a request (PING, SETTINGS, PRIORITY,
+  RST_STREAM, empty DATA, WINDOW_UPDATEs beyond the DATA frames sent) are counted per second:
+  past `http2_max_control_frames` (or past twice the stream limit in resets: rapid reset,
+  CVE-2023-44487) the client gets GOAWAY ENHANCE_YOUR_CALM and the connection closes;
+- while the client does not read, nothing more is produced for it (backends pause), and if its
+  socket buffer still grows past OUTPUT_LIMIT (acknowledgements of a PING flood) it is cut;
+- a response the client never opens a window for is reset after `[timeouts] client_send`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingReceived,
+    PriorityUpdated,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    UnknownFrameReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+
+from proxy.h2_stream import H2Stream
+
+if TYPE_CHECKING:
+    from proxy.context import EdgeContext
+
+log = logging.getLogger("sandbox_proxy.h2")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes queued for a client that does not read: then it is cut
+GOAWAY_LINGER = 2.0             # seconds after GOAWAY before the socket closes
+
+
+def _configuration() -> H2Configuration:
+    # Inbound headers are validated by the library (RFC 9113 8.2: pseudo-headers, upper-case
+    # names, connection-specific fields, Host vs :authority); outbound ones are built by the
+    # proxy from fields it has already filtered.
+    return H2Configuration(client_side=False, header_encoding=None,
+                           validate_inbound_headers=True, normalize_inbound_headers=True,
+                           validate_outbound_headers=False, normalize_outbound_headers=False,
+                           split_outbound_cookies=False)
+
+
+class Http2Connection(asyncio.Protocol):
+    __slots__ = (
+        "ctx", "loop", "transport", "h2", "client_ip", "trusted", "host_cache", "streams",
+        "writing_paused", "closing", "closed", "deadline", "window_start", "control_frames",
+        "resets", "data_frames", "goaway_sent", "opened",
+    )
+
+    def __init__(self, ctx: EdgeContext, client_ip: bytes, trusted: bool):
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        self.client_ip = client_ip
+        self.trusted = trusted
+        self.host_cache: dict = {}
+        self.streams: dict[int, H2Stream] = {}
+        self.writing_paused = False
+        self.closing = False
+        self.closed = False
+        self.deadline = 0.0
+        # the flood counters, for the current one-second window
+        self.window_start = 0.0
+        self.control_frames = 0
+        self.resets = 0
+        self.data_frames = 0
+        self.goaway_sent = False
+        self.opened = monotonic()
+        limits = ctx.config.limits
+        h2 = self.h2 = H2Connection(config=_configuration())
+        h2.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.http2_max_streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.http2_stream_window,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            SettingCodes.HEADER_TABLE_SIZE: 4096,
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket over a stream
+        })
+        h2.decoder.max_header_list_size = limits.max_header_bytes
+        h2.decoder.max_allowed_table_size = 4096
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        ctx = self.ctx
+        ctx.sweeper.watched.add(self)
+        ctx.connections.add(self)
+        ctx.stats.h2_connections += 1
+        h2 = self.h2
+        h2.initiate_connection()
+        extra = ctx.config.limits.http2_connection_window - 65535
+        if extra > 0:
+            h2.increment_flow_control_window(extra)
+        self.deadline = self.loop.time() + ctx.client_header_timeout  # the preface, at least
+        if ctx.max_connections and len(ctx.connections) > ctx.max_connections:
+            self.go_away(ErrorCodes.REFUSED_STREAM, b"too many connections")
+            return
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            log.info("HTTP/2 protocol error from %s: %s", self.client_ip.decode(), exc)
+            self.ctx.stats.h2_goaway("protocol_error")
+            self.goaway_sent = True
+            self.close_soon()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream.data_received(event.data,  # type: ignore[attr-defined]
+                                         event.flow_controlled_length)  # type: ignore[attr-defined]
+                else:  # for a stream already answered: give the window back
+                    self.h2.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id)  # type: ignore[attr-defined]
+                if not event.data and not event.stream_ended:  # type: ignore[attr-defined]
+                    self.count_control()
+            elif kind is RequestReceived:
+                self.request_received(event)  # type: ignore[arg-type]
+            elif kind is StreamEnded:
+                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream.request_ended()
+            elif kind is WindowUpdated:
+                self.window_updated(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is StreamReset:
+                self.stream_reset(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is TrailersReceived:
+                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream.trailers_received(event.headers)  # type: ignore[attr-defined]
+            elif kind is RemoteSettingsChanged:
+                self.count_control()
+                self.window_updated(0)  # a new initial window may unblock streams
+            elif kind is ConnectionTerminated:
+                self.goaway_sent = True
+                self.close_soon()
+                return
+            elif kind in (PingReceived, PriorityUpdated, UnknownFrameReceived):
+                self.count_control()
+            if self.closing:
+                return
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.closing = True
+        ctx = self.ctx
+        ctx.sweeper.watched.discard(self)
+        ctx.connections.discard(self)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.client_lost()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for stream in self.streams.values():
+            stream.pause_backend()
+        if self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
+            self.ctx.stats.h2_goaway("not_reading")
+            self.transport.abort()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for stream in list(self.streams.values()):
+            stream.resume_backend()
+
+    # -- events ---------------------------------------------------------------------------------
+    def request_received(self, event: RequestReceived) -> None:
+        if self.goaway_sent:  # after GOAWAY (drain): the client retries it elsewhere
+            self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Stream(self, event.stream_id)
+        if not self.streams and not self.stalled_streams():
+            self.deadline = 0.0  # no longer idle
+        self.streams[event.stream_id] = stream
+        stream.request_received(event.headers or [], event.stream_ended is not None)
+
+    def stream_reset(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        self.count_control()
+        if stream is not None:
+            if not stream.answered:
+                self.resets += 1  # a request cancelled before its answer: rapid reset's kind
+                if self.resets > 2 * self.ctx.config.limits.http2_max_streams:
+                    self.enhance_your_calm("rapid_reset")
+            stream.client_lost()
+
+    def window_updated(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.window_opened()
+        else:
+            for stream in list(self.streams.values()):
+                stream.window_opened()
+        # WINDOW_UPDATEs beyond one per DATA frame sent are frames that ask nothing
+        if self.data_frames > 0:
+            self.data_frames -= 1
+        else:
+            self.count_control()
+
+    def count_control(self) -> None:
+        now = self.loop.time()
+        if now - self.window_start >= 1.0:
+            self.window_start = now
+            self.control_frames = self.resets = 0
+            self.data_frames = min(self.data_frames, 1000)
+        self.control_frames += 1
+        if self.control_frames > self.ctx.config.limits.http2_max_control_frames:
+            self.enhance_your_calm("control_flood")
+
+    def enhance_your_calm(self, reason: str) -> None:
+        if self.goaway_sent:
+            return
+        log.warning("HTTP/2 client %s: %s; GOAWAY ENHANCE_YOUR_CALM", self.client_ip.decode(),
+                    reason.replace("_", " "))
+        self.ctx.stats.h2_goaway(reason)
+        self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, reason.encode())
+
+    # -- used by the streams ----------------------------------------------------------------------
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def stream_done(self, stream: H2Stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            if not self.streams:
+                if self.goaway_sent:
+                    self.close_soon()
+                else:
+                    self.idle()
+
+    def sent_data_frame(self) -> None:
+        self.data_frames += 1
+
+    # -- the connection's end ---------------------------------------------------------------------
+    def go_away(self, code: ErrorCodes, reason: bytes = b"") -> None:
+        """No new streams; the ones under way are dropped (a hostile peer's) and the socket
+        closes once the GOAWAY is written."""
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self.h2.close_connection(error_code=code, additional_data=reason)
+        self.close_soon()
+
+    def close_soon(self) -> None:
+        self.flush()
+        self.closing = True
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.client_lost()
+        if not self.transport.is_closing():
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.deadline = self.loop.time() + GOAWAY_LINGER
+            else:
+                self.transport.close()
+
+    def drain(self) -> None:
+        """Shutting down: GOAWAY (NO_ERROR) now; the streams under way finish, then close."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self.h2.close_connection(error_code=ErrorCodes.NO_ERROR)
+        self.flush()
+        if not self.streams:
+            self.close_soon()
+
+    def on_deadline(self) -> None:
+        """Linger after GOAWAY over; idle (no stream) for `client_idle` (or no request within
+        `client_header` of connecting); or a stream's response stalled for `client_send`."""
+        if self.closing:
+            self.transport.close()
+            return
+        if not self.streams:
+            self.go_away(ErrorCodes.NO_ERROR, b"idle")
+            return
+        now = self.loop.time()
+        stall = self.ctx.config.timeouts.client_send
+        next_check = 0.0
+        for stream in self.stalled_streams():
+            if now - stream.blocked_since >= stall:
+                stream.stalled()
+            elif not next_check or stream.blocked_since + stall < next_check:
+                next_check = stream.blocked_since + stall
+        self.flush()
+        if not self.streams:
+            self.idle()
+        elif not self.closing:
+            self.deadline = next_check
+
+    def stalled_streams(self) -> list[H2Stream]:
+        return [s for s in self.streams.values() if s.blocked_since]
+
+    def stream_blocked(self) -> None:
+        """A stream waits for the client's window: make sure the stall clock is running."""
+        if not self.deadline:
+            self.deadline = self.loop.time() + self.ctx.config.timeouts.client_send
+
+    def idle(self) -> None:
+        """No stream is open: the keep-alive clock runs."""
+        if not self.closing:
+            self.deadline = self.loop.time() + self.ctx.client_idle_timeout
+
+    # what the gauges count (proxy/context.py)
+    @property
+    def requests_in_flight(self) -> int:
+        return sum(1 for s in self.streams.values() if not s.tunneling)
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self.streams.values() if s.tunneling)

@@ -1,0 +1,646 @@
+"""HTTP/2 stream: one request on an HTTP/2 client connection, from its HEADERS to its end.
+
+An `H2Stream` is to its exchange what proxy/edge.py's ClientConnection is to an HTTP/1.1 one:
+the `ClientSide` (proxy/destination.py). The exchange is an `H2Exchange`, the HTTP/1.1
+`Exchange` with the response half written as HTTP/2 frames instead of HTTP/1.1 bytes: routing,
+admission, the backend connection (pooled HTTP/1.1, proxy/upstream.py, which does not know it
+serves a stream) and the accounting are the same code, so a stream is routed, refused, masked
+and counted exactly like an HTTP/1.1 request. Native gRPC calls go to the sandbox over h2c
+instead (proxy/grpc_upstream.py).
+
+Flow control is the backpressure both ways:
+- request body: the client's window for the stream is reopened (WINDOW_UPDATE) only for bytes
+  the backend has taken; while the backend's socket is full, or no backend connection exists
+  yet, the bytes received are not acknowledged (`StreamGate`), so a client can have at most its
+  window of body in the proxy;
+- response body: what the client's window does not admit waits in `pending`, and the backend
+  connection stops being read until the window reopens (WINDOW_UPDATE) and `pending` is out.
+
+RFC 8441 extended CONNECT (`:protocol websocket`) becomes an HTTP/1.1 upgrade to the sandbox;
+after its 101 the stream's DATA frames and the backend connection are the two ends of a tunnel.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections import deque
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from h2.errors import ErrorCodes
+from h2.exceptions import FlowControlError, StreamClosedError
+
+from proxy import errors
+from proxy.admission import route_request
+from proxy.connect_rpc import EnvelopeTracker, end_stream_unavailable
+from proxy.exchange import (
+    _RESPONSE_FROM,
+    BODY,
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
+    RECEIVED,
+    STREAMING,
+    TUNNEL,
+    UNTIL_CLOSE,
+    WAITING,
+    Exchange,
+)
+from proxy.flow import PEER_FULL
+from proxy.headers import (
+    MalformedHeaders,
+    fields_of_lines,
+    scan_response_headers,
+    trailer_fields,
+)
+from proxy.http1 import FramingError, response_framing
+from proxy.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from proxy.grpc_upstream import GrpcCall
+    from proxy.h2_edge import Http2Connection
+    from proxy.upstream import UpstreamConnection
+
+Fields = list[tuple[bytes, bytes]]
+
+
+class StreamGate:
+    """The ReadGate of one stream: instead of pausing a socket (which would stop every stream),
+    it withholds the stream's flow-control credit while any reason is set."""
+
+    __slots__ = ("stream", "reasons")
+
+    def __init__(self, stream: H2Stream):
+        self.stream = stream
+        self.reasons = 0
+
+    def pause(self, reason: int) -> None:
+        self.reasons |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                self.stream.acknowledge()
+
+
+class StreamTransport:
+    """The client end of a tunnel on a stream, as the backend connection's relay sees it: bytes
+    written become DATA frames (within the stream's window), EOF ends the stream."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: H2Stream):
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.send_body(data)
+        self.stream.connection.flush()
+
+    def write_eof(self) -> None:
+        self.stream.send_end()
+        self.stream.connection.flush()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return self.stream.closed
+
+    def close(self) -> None:
+        if not self.stream.closed:
+            self.stream.send_end()
+            self.stream.connection.flush()
+            self.stream.finished()
+
+    def abort(self) -> None:
+        self.stream.reset(ErrorCodes.CANCEL)
+
+
+class H2Stream:
+    """One stream of an Http2Connection, and the ClientSide of its exchange."""
+
+    __slots__ = ("connection", "stream_id", "ctx", "loop", "gate", "out", "client_ip",
+                 "trusted", "writing_paused", "closed", "exchange", "pending", "pending_end",
+                 "blocked_since", "answered", "unacked", "ended", "tunnel", "transport",
+                 "tunnel_in", "tunnel_up")
+
+    def __init__(self, connection: Http2Connection, stream_id: int):
+        self.connection = connection
+        self.stream_id = stream_id
+        self.ctx = connection.ctx
+        self.loop = connection.loop
+        self.gate = StreamGate(self)
+        self.out: list[bytes] = []  # unused: an HTTP/2 exchange writes frames
+        self.client_ip = connection.client_ip
+        self.trusted = connection.trusted
+        self.writing_paused = connection.writing_paused
+        self.closed = False
+        self.exchange: H2Exchange | None = None
+        self.pending: deque[bytes] = deque()  # response bytes the client's window has no room for
+        self.pending_end: Fields | bool = False  # after them: END_STREAM (with these trailers)
+        self.blocked_since = 0.0
+        self.answered = False   # a final response head went out
+        self.unacked = 0        # request bytes received whose window is not yet given back
+        self.ended = False      # the client ended its side (END_STREAM)
+        self.tunnel: Tunnel | None = None
+        self.transport: StreamTransport | None = None  # the tunnel's client end
+        self.tunnel_in = 0
+        self.tunnel_up: UpstreamConnection | None = None
+
+    # -- the request, from the connection ----------------------------------------------------------
+    def request_received(self, headers: Fields, ended: bool) -> None:
+        ex = self.exchange = H2Exchange(self)
+        ex.head_complete()
+        ex.started = monotonic()
+        method = target = authority = protocol = None
+        fields: Fields = []
+        cookies: list[bytes] = []
+        content_length = grpc = False
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 32
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    target = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":protocol":
+                    protocol = value
+                continue  # :scheme: the proxy says how it was reached (X-Forwarded-Proto)
+            if name == b"cookie":  # crumbs are one field again for HTTP/1.1 (RFC 9113 8.2.3)
+                cookies.append(value)
+                continue
+            if name == b"host":
+                if authority is not None:
+                    continue  # :authority wins (RFC 9113 8.3.1); the library checked they agree
+                authority = value
+                continue
+            if name == b"content-length":
+                content_length = True
+            elif name == b"content-type":
+                kind = value[:20].lower()
+                grpc = kind == b"application/grpc" or kind[:17] == b"application/grpc+"
+            fields.append((name, value))
+        if authority is not None:
+            fields.insert(0, (b"host", authority))
+        if cookies:
+            fields.append((b"cookie", b"; ".join(cookies)))
+        ex.headers = fields
+        ex.head_size = size
+        ex.method = method or b""
+        ex.target = target or b""
+        if grpc:
+            ex.grpc = True
+            ex.http = "grpc"
+        if method == b"CONNECT" and protocol is not None:
+            # RFC 8441: a WebSocket over this stream is an HTTP/1.1 upgrade to the sandbox
+            if protocol.lower() != b"websocket":
+                ex.error = errors.NotImplementedTransferCoding(
+                    f"Extended CONNECT for {protocol.decode('latin-1')!r} is not supported")
+            ex.method = b"GET"
+            ex.upgrade = b"websocket"
+            if ex.header(b"sec-websocket-key") is None:
+                key = base64.b64encode(os.urandom(16))
+                fields.append((b"sec-websocket-key", key))
+        elif not ended and not content_length:
+            # a body of unknown length: chunked to the HTTP/1.1 backend
+            fields.append((b"transfer-encoding", b"chunked"))
+        self.ctx.stats.h2_streams += 1
+        if ex.error is None:
+            try:
+                if size > self.ctx.max_header_bytes or len(fields) > self.ctx.max_header_count:
+                    raise errors.HeadersTooLarge("Request header is too large")
+                ex.lookup = route_request(self.ctx, ex, self.client_ip, self.trusted,
+                                          self.connection.host_cache)
+            except errors.ProxyError as exc:
+                ex.error = exc.with_traceback(None)
+        if ended:
+            self.ended = True
+            ex.request_complete()
+        ex.start()
+
+    def data_received(self, data: bytes, flow_controlled: int) -> None:
+        self.unacked += flow_controlled
+        ex = self.exchange
+        if self.tunnel_up is not None:
+            self.tunnel_in += len(data)
+            self.tunnel_up.transport.write(data)
+        elif ex is not None and data:
+            ex.request_body(data)
+        if not self.gate.reasons:
+            self.acknowledge()
+
+    def acknowledge(self) -> None:
+        """Give the client back the window of the bytes the backend has taken."""
+        n, self.unacked = self.unacked, 0
+        if n and not self.closed:
+            try:
+                self.connection.h2.acknowledge_received_data(n, self.stream_id)
+            except StreamClosedError:
+                pass
+            self.connection.flush()
+
+    def request_ended(self) -> None:
+        self.ended = True
+        if self.tunnel is not None:
+            self.tunnel.client_eof()
+            return
+        ex = self.exchange
+        if ex is not None and ex.request == BODY:
+            ex.request_complete()
+
+    def trailers_received(self, headers: Fields) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.trailers = list(headers)
+
+    def client_lost(self) -> None:
+        """The client reset the stream, or the connection is gone."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        tunnel, self.tunnel = self.tunnel, None
+        ex = self.exchange
+        if tunnel is not None:
+            tunnel.client_lost()
+            if ex is not None:
+                self.account_tunnel(ex)
+        if ex is not None:
+            ex.client_lost()
+
+    def account_tunnel(self, ex: Exchange) -> None:
+        up = self.tunnel_up
+        self.tunnel_up = None
+        if up is not None:
+            ex.bytes_in, ex.bytes_out = self.tunnel_in, up.tunnel_out
+        self.ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
+
+    # -- the response, written as frames -------------------------------------------------------------
+    def send_head(self, status: int, fields: Fields, end: bool = False) -> None:
+        if self.closed:
+            return
+        if status >= 200:
+            self.answered = True
+        try:
+            self.connection.h2.send_headers(self.stream_id, [(b":status", b"%d" % status)]
+                                            + fields, end_stream=end)
+        except StreamClosedError:
+            self.client_lost()
+            return
+        if end:
+            self.finished()
+
+    def send_body(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        pending = self.pending
+        pending.append(data)
+        if len(pending) == 1:
+            self.pump()
+
+    def send_end(self, trailers: Fields | None = None) -> None:
+        """END_STREAM after what is pending (with `trailers`, a final HEADERS frame)."""
+        if self.closed:
+            return
+        self.pending_end = trailers or True
+        if not self.pending:
+            self.pump()
+
+    def pump(self) -> None:
+        """Send what the client's windows admit; pause the backend for the rest."""
+        connection = self.connection
+        h2 = connection.h2
+        sid = self.stream_id
+        pending = self.pending
+        try:
+            while pending:
+                window = h2.local_flow_control_window(sid)
+                if window <= 0:
+                    break
+                data = pending[0]
+                size = min(window, h2.max_outbound_frame_size)
+                if len(data) > size:
+                    h2.send_data(sid, data[:size])
+                    pending[0] = data[size:]
+                else:
+                    h2.send_data(sid, data)
+                    pending.popleft()
+                connection.sent_data_frame()
+            if pending:
+                if not self.blocked_since:
+                    self.blocked_since = self.loop.time()
+                    connection.stream_blocked()
+                self.set_writing_paused(True)
+                return
+            self.blocked_since = 0.0
+            end = self.pending_end
+            if end is not False:
+                self.pending_end = False
+                if end is True:
+                    h2.end_stream(sid)
+                else:
+                    h2.send_headers(sid, end, end_stream=True)
+                self.finished()
+                return
+        except (StreamClosedError, FlowControlError):
+            self.client_lost()
+            return
+        self.set_writing_paused(connection.writing_paused)
+
+    def window_opened(self) -> None:
+        if self.pending or self.pending_end is not False:
+            self.pump()
+
+    def set_writing_paused(self, paused: bool) -> None:
+        if paused != self.writing_paused:
+            self.writing_paused = paused
+            ex = self.exchange
+            if ex is not None and ex.call is not None:
+                ex.call.set_paused(paused)
+                return
+            up = self.backend()
+            if up is not None:
+                if paused:
+                    up.pause_reading()
+                else:
+                    up.resume_reading()
+
+    def backend(self) -> UpstreamConnection | None:
+        if self.tunnel_up is not None:
+            return self.tunnel_up
+        ex = self.exchange
+        return ex.upstream if ex is not None else None
+
+    def pause_backend(self) -> None:
+        self.set_writing_paused(True)
+
+    def resume_backend(self) -> None:
+        self.set_writing_paused(bool(self.pending))
+
+    def reset(self, code: ErrorCodes) -> None:
+        if self.closed:
+            return
+        try:
+            self.connection.h2.reset_stream(self.stream_id, code)
+        except StreamClosedError:
+            pass
+        self.connection.flush()
+        self.client_lost()
+        self.connection.stream_done(self)
+
+    def stalled(self) -> None:
+        """The client gave no window for `[timeouts] client_send`."""
+        ex = self.exchange
+        if ex is not None:
+            ex.outcome = "client_stalled"
+        self.reset(ErrorCodes.CANCEL)
+
+    def finished(self) -> None:
+        """Our side of the stream is closed (END_STREAM sent)."""
+        if not self.ended and self.tunnel is None:
+            # answered before the request ended: ask the client to stop sending (RFC 9113 8.1);
+            # the rest of its body is never read, so the exchange ends here
+            try:
+                self.connection.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+            except StreamClosedError:
+                pass
+            self.ended = True
+            if self.exchange is not None:
+                self.exchange.end()
+        self.closed = True
+        self.connection.stream_done(self)
+
+    # -- ClientSide ------------------------------------------------------------------------------------
+    def flush_out(self) -> None:
+        self.connection.flush()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        ex.end()
+
+    def linger_close(self) -> None:
+        pass  # an HTTP/2 answer never closes the connection: send_head ended the stream
+
+    def abort_response(self, hard: bool) -> None:
+        self.reset(ErrorCodes.INTERNAL_ERROR)  # the client sees the response incomplete
+
+    def upstream_full(self) -> None:
+        self.gate.pause(PEER_FULL)
+
+    def upstream_drained(self) -> None:
+        self.gate.resume(PEER_FULL)
+
+    def start_tunnel(self, ex: Exchange, up: UpstreamConnection, rest: bytes) -> None:
+        self.tunnel = up.tunnel = Tunnel(self, up)  # type: ignore[arg-type]
+        self.transport = StreamTransport(self)
+        self.tunnel_up = up
+        up.tunnel_peer = self.transport  # type: ignore[assignment]
+        up.deadline = 0.0
+        if self.writing_paused:
+            up.pause_reading()
+        if rest:
+            self.transport.write(rest)
+        if self.ended:
+            self.tunnel.client_eof()
+        self.acknowledge()
+
+    def tunnel_lost(self) -> None:
+        """The backend side of the tunnel is gone: end the stream after what was sent."""
+        ex = self.exchange
+        if ex is not None and self.tunnel is not None:
+            self.account_tunnel(ex)
+        self.tunnel = None
+        if not self.closed:
+            self.send_end()
+            self.connection.flush()
+
+    @property
+    def tunneling(self) -> bool:
+        return self.tunnel is not None
+
+
+class H2Exchange(Exchange):
+    """An exchange whose client is an HTTP/2 stream: the response goes out as frames."""
+
+    __slots__ = ("grpc", "call")
+    conn: H2Stream
+
+    def __init__(self, stream: H2Stream) -> None:
+        super().__init__(stream)
+        self.http = "h2"
+        self.grpc = False
+        self.call: GrpcCall | None = None  # the call to the sandbox (proxy/grpc_upstream.py)
+
+    # the request goes to the sandbox over h2c when it is native gRPC
+    def connect(self, fresh: bool) -> None:
+        if self.grpc:
+            from proxy.grpc_upstream import start_call
+            start_call(self)
+            return
+        super().connect(fresh)
+
+    def request_body(self, body: bytes) -> None:
+        call = self.call
+        if call is not None:
+            if self.request == BODY:
+                self.bytes_in += len(body)
+                call.request_data(body)
+            return
+        super().request_body(body)
+
+    def request_complete(self) -> None:
+        super().request_complete()
+        call = self.call
+        if call is not None:
+            call.request_ended(self.trailers)
+
+    def client_lost(self) -> None:
+        call = self.call
+        if call is not None:
+            call.cancel()
+        super().client_lost()
+
+    # -- the response (ResponseDestination), as frames ------------------------------------------------
+    def response_head(self, up: UpstreamConnection, status: int) -> None:
+        stream = self.conn
+        try:
+            scanned = scan_response_headers(
+                up.headers, self.host if self.conn.ctx.isolate_cookies else None)
+            if status >= 200 and status != 101:
+                if scanned.codings:
+                    raise FramingError("a transfer coding HTTP/2 cannot carry")
+                self.backend, self.body, _ = response_framing(self.method, status, scanned, True)
+        except (MalformedHeaders, FramingError, ValueError) as exc:
+            self.response_invalid(up, str(exc))
+            return
+        fields = fields_of_lines(scanned.lines)
+        if status < 200 and status != 101:
+            stream.send_head(status, fields)  # interim (100, 103): relayed
+            up.head_seen = False
+            return
+        up.deadline = 0.0
+        self.status = status
+        if status == 101:
+            if self.upgrade is None or scanned.upgrade is None:
+                self.upstream_lost(up)
+                up.close()
+                return
+            self._response_to(STREAMING)
+            # RFC 8441 5: the stream's 200 is the backend's 101; the accept key is HTTP/1.1's
+            stream.send_head(200, [f for f in fields if f[0] != b"sec-websocket-accept"])
+            self.record_response(101, "websocket")
+            return
+        if self.upgrade is not None and status < 300:
+            # a 2xx would tell the client its WebSocket is open (RFC 8441 5): it is not
+            self.response_invalid(up, "upgrade request answered without switching protocols")
+            return
+        if not _RESPONSE_FROM[STREAMING] >> self.response & 1:
+            self._illegal_response(STREAMING)
+        self.response = STREAMING
+        self.upstream_reusable = self.upgrade is None and up.parser.should_keep_alive()
+        if self.body == LENGTH:
+            up.body_left = scanned.length
+        if scanned.content_length and (self.body == LENGTH or (self.body == NO_BODY
+                                       and status != 204)):
+            fields.append((b"content-length", b"%d" % scanned.length))
+        if scanned.connect_stream and self.backend == CHUNKED:
+            self.envelopes = EnvelopeTracker()
+        self.record_response(status, "sse" if scanned.event_stream else "http")
+        if self.body == NO_BODY:
+            stream.send_head(status, fields, end=True)
+            if self.method == b"HEAD":
+                up.skip_response_body()
+            self.response_complete(up)
+            return
+        stream.send_head(status, fields)
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.envelopes is not None:
+            self.envelopes.feed(data)
+        self.conn.send_body(data)
+
+    def response_complete(self, up: UpstreamConnection) -> None:
+        if self.response != STREAMING or self.status == 101:
+            return
+        if self.body != NO_BODY:
+            self.conn.send_end(trailer_fields(up.trailers) if up.trailers else None)
+        self.unbind(up, reuse=self.upstream_reusable and self.request == RECEIVED)
+        self.response_finished()
+
+    def response_cut(self) -> None:
+        stream = self.conn
+        if self.backend == UNTIL_CLOSE:
+            stream.send_end()
+            stream.flush_out()
+            self.response_finished()
+        elif self.envelopes is not None and self.envelopes.at_boundary:
+            self.outcome = "upstream_closed"
+            if not self.envelopes.ended:
+                stream.send_body(end_stream_unavailable("The sandbox closed the connection"))
+            stream.send_end()
+            stream.flush_out()
+            self.response_finished()
+        else:
+            self.outcome = "upstream_closed"
+            self.end()
+            stream.abort_response(hard=True)
+
+    def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> None:
+        if self.upstream is not up or self.status != 101:
+            up.close()
+            return
+        self._response_to(TUNNEL)
+        self.started = monotonic()
+        self.conn.start_tunnel(self, up, rest)
+
+    # -- answers the proxy makes itself ---------------------------------------------------------------
+    def answer(self, error: errors.ProxyError) -> None:
+        stream = self.conn
+        status = error.status
+        head_only = self.method == b"HEAD"
+        self.outcome = type(error).__name__
+        self.record_response(204 if self.preflight(error) else status, "http", "proxy")
+        if self.preflight(error):
+            stream.send_head(204, [(n.lower(), v) for n, v in errors.preflight_fields(
+                self.header(b"access-control-request-headers"))], end=True)
+        elif self.grpc and status >= 400:
+            stream.send_head(200, grpc_error_fields(error), end=True)
+        else:
+            content_type, body = errors.error_body(error, html_page=self.wants_html())
+            fields = [(b"content-type", content_type),
+                      (b"content-length", b"%d" % len(body)),
+                      (b"access-control-allow-origin", b"*"),
+                      (b"cache-control", b"no-store")]
+            fields += fields_of_lines(error.headers)
+            stream.send_head(status, fields, end=head_only)
+            if not head_only:
+                stream.send_body(body)
+                stream.send_end()
+        stream.flush_out()
+        if self.response == WAITING:
+            self.response_finished()
+
+
+# gRPC status codes for the proxy's own answers (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)
+_GRPC_STATUS = {400: 3, 401: 16, 403: 7, 404: 5, 409: 9, 429: 8, 431: 8, 502: 14, 503: 14,
+                504: 4}
+
+
+def grpc_error_fields(error: errors.ProxyError) -> Fields:
+    """A trailers-only gRPC response carrying the proxy's error (HTTP 200, grpc-status)."""
+    status = _GRPC_STATUS.get(error.status, 14 if error.status >= 500 else 2)
+    message = error.message.encode("utf-8")
+    return [(b"content-type", b"application/grpc"),
+            (b"grpc-status", b"%d" % status),
+            (b"grpc-message", _percent_encode(message))]
+
+
+def _percent_encode(text: bytes) -> bytes:
+    """grpc-message encoding: printable ASCII but '%' as is, the rest %XX."""
+    return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c
+                    for c in text)
