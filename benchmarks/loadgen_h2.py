@@ -18,7 +18,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.procs import LOAD_CPU, WORK_DIR, taskset_prefix
+from benchmarks.loadgen_http import run_load
+from benchmarks.procs import WORK_DIR
 
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 
@@ -67,22 +68,14 @@ def run_h2load(port: int, authority: str, path: str, duration: float, clients: i
     if exe is None:
         return H2loadResult(False, error="h2load not installed (Debian package nghttp2-client)")
     secs = max(1, round(duration))
-    argv = [*taskset_prefix(LOAD_CPU), exe, "-t1", f"-c{clients}", f"-m{streams}", f"-D{secs}",
-            "-H", f":authority: {authority}"]
+    argv = [exe, "-t1", f"-c{clients}", f"-m{streams}", f"-D{secs}", "-H",
+            f":authority: {authority}"]
     for h in headers:
         argv += ["-H", h]
     if body is not None:
         argv += ["-d", str(body)]
     argv.append(f"http://127.0.0.1:{port}{path}")
-    try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30)
-    except subprocess.TimeoutExpired:
-        return H2loadResult(False, error="h2load did not finish in time")
-    res = parse_h2load(cp.stdout)
-    if cp.returncode != 0 and not res.error:
-        res.ok = False
-        res.error = (cp.stderr or cp.stdout).strip()[-300:]
-    return res
+    return run_load(argv, secs, parse_h2load, lambda error: H2loadResult(False, error=error))
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}

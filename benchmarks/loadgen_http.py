@@ -59,17 +59,24 @@ def run_wrk(port: int, host_header: str, path: str = "/", duration: float = 5.0,
     if exe is None:
         return WrkResult(False, error="wrk not installed")
     secs = max(1, round(duration))
-    argv = taskset_prefix(LOAD_CPU) + [
-        exe, "-t1", f"-c{connections}", f"-d{secs}s", f"--timeout={round(timeout_s)}s",
-        "--latency", "-H", f"Host: {host_header}"]
+    argv = [exe, "-t1", f"-c{connections}", f"-d{secs}s", f"--timeout={round(timeout_s)}s",
+            "--latency", "-H", f"Host: {host_header}"]
     if script is not None:
         argv += ["-s", str(script)]
     argv.append(f"http://127.0.0.1:{port}{path}")
+    return run_load(argv, secs, parse_wrk, lambda error: WrkResult(False, error=error))
+
+
+def run_load(argv: list[str], secs: int, parse, failed):
+    """Run a load generator on the load core for its `secs` (killed 30 s past them); its
+    stdout goes to parse(), a time-out to failed(error). A non-zero exit that the parser did
+    not explain fails the result with the end of what the tool printed."""
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30)
+        cp = subprocess.run([*taskset_prefix(LOAD_CPU), *argv], capture_output=True, text=True,
+                            timeout=secs + 30)
     except subprocess.TimeoutExpired:
-        return WrkResult(False, error="wrk did not finish in time")
-    res = parse_wrk(cp.stdout)
+        return failed(f"{Path(argv[0]).name} did not finish in time")
+    res = parse(cp.stdout)
     if cp.returncode != 0 and not res.error:
         res.ok = False
         res.error = (cp.stderr or cp.stdout).strip()[-300:]
