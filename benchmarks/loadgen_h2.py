@@ -109,7 +109,8 @@ def parse_h2load(out: str) -> H2loadResult:
 
 
 def h2_get(port: int, authority: str, path: str, timeout: float = 5.0) -> bytes | None:
-    """One GET over h2c (prior knowledge) with nghttp: the body, or None if it failed."""
+    """One GET over h2c (prior knowledge) with nghttp: the body, or None if it failed (nghttp
+    exits 0 even when the server did not speak HTTP/2; it then says so on stderr)."""
     exe = shutil.which("nghttp")
     if exe is None:
         return None
@@ -119,4 +120,5 @@ def h2_get(port: int, authority: str, path: str, timeout: float = 5.0) -> bytes 
                             timeout=timeout + 5)
     except subprocess.TimeoutExpired:
         return None
-    return cp.stdout if cp.returncode == 0 else None
+    failed = cp.returncode != 0 or b"not processed" in cp.stderr
+    return None if failed else cp.stdout

@@ -391,8 +391,8 @@ def _checked(run: Run, scenario: str, targets: list[Target], check) -> tuple[lis
     for t in targets:
         ok, found = check(t)
         checks[t.name] = "; ".join(found) or "ok"
-        for problem in found:
-            run.incident(t.name, scenario, problem + ("" if ok else ": not measured"))
+        if found:
+            run.incident(t.name, scenario, checks[t.name] + ("" if ok else ": not measured"))
         if ok:
             usable.append(t)
     return usable, checks
