@@ -67,7 +67,7 @@ class Target:
             return backend_port, f"localhost:{backend_port}"
         if self.name == "relay":
             return RELAY_PORTS[backend_port], f"localhost:{backend_port}"
-        port = self.h2_port or self.port if h2 else self.port
+        port = (self.h2_port or self.port) if h2 else self.port
         return port, f"{backend_port}-{sandbox}.localhost:{port}"
 
     def alive(self) -> bool:

@@ -409,8 +409,9 @@ def h2(run: Run, targets: list[Target]) -> None:
         body = h2_get(*t.addr(HTTP_PORT, h2=True), "/host")
         if body is None:
             return False, ["no answer over h2c (prior knowledge)"]
-        return True, [] if body == want else [f"HOST REWRITE WRONG over h2c: backend saw "
-                                              f"{body[:60]!r}"]
+        if body != want:
+            return True, [f"HOST REWRITE WRONG over h2c: backend saw {body[:60]!r}"]
+        return True, []
     proxies, checks = _checked(run, "h2", [t for t in targets if t.kind == "proxy"], check)
     _warm_up_h2(proxies, HTTP_PORT, "/", s)
     run.scenarios["h2"] = {
