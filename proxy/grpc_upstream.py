@@ -37,7 +37,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from proxy import errors
@@ -261,7 +261,7 @@ class GrpcCall:
         backend.flush()
         self.stream.gate.resume(WAITING_UPSTREAM)
 
-    # -- client -> backend ---------------------------------------------------------------------------
+    # -- client -> backend -------------------------------------------------------------------------
     def request_data(self, data: bytes) -> None:
         self.pending.append(data)
         if self.backend is not None and len(self.pending) == 1:
@@ -306,10 +306,10 @@ class GrpcCall:
                     h2.end_stream(sid)
                 else:
                     h2.send_headers(sid, end, end_stream=True)
-        except (StreamClosedError, FlowControlError):
+        except ProtocolError:
             pending.clear()
 
-    # -- backend -> client ---------------------------------------------------------------------------
+    # -- backend -> client -------------------------------------------------------------------------
     def response_head(self, headers: Fields, ended: bool) -> None:
         ex = self.ex
         status = 200
@@ -347,7 +347,7 @@ class GrpcCall:
         if n and backend is not None and not backend.closed:
             try:
                 backend.h2.acknowledge_received_data(n, self.stream_id)
-            except StreamClosedError:
+            except ProtocolError:
                 pass
             backend.flush()
 
@@ -406,7 +406,7 @@ class GrpcCall:
             backend.call_done(self)
             try:
                 backend.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-            except (StreamClosedError, ProtocolError):
+            except ProtocolError:
                 pass
             backend.flush()
 

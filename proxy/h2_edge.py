@@ -75,7 +75,7 @@ class Http2Connection(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "h2", "client_ip", "trusted", "host_cache", "streams",
         "writing_paused", "closing", "closed", "deadline", "window_start", "control_frames",
-        "resets", "data_frames", "goaway_sent", "opened",
+        "resets", "data_frames", "goaway_sent", "opened", "write_due",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: bytes, trusted: bool):
@@ -96,6 +96,7 @@ class Http2Connection(asyncio.Protocol):
         self.resets = 0
         self.data_frames = 0
         self.goaway_sent = False
+        self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
         self.opened = monotonic()
         limits = ctx.config.limits
         h2 = self.h2 = H2Connection(config=_configuration())
@@ -110,7 +111,7 @@ class Http2Connection(asyncio.Protocol):
         h2.decoder.max_header_list_size = limits.max_header_bytes
         h2.decoder.max_allowed_table_size = 4096
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------
+    # -- asyncio.Protocol ----------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         ctx = self.ctx
@@ -203,9 +204,9 @@ class Http2Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream.resume_backend()
 
-    # -- events ---------------------------------------------------------------------------------
+    # -- events ----------
     def request_received(self, event: RequestReceived) -> None:
-        if self.goaway_sent:  # after GOAWAY (drain): the client retries it elsewhere
+        if self.ctx.draining:  # unprocessed: the client may retry it elsewhere (RFC 9113 8.7)
             self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = H2Stream(self, event.stream_id)
@@ -256,8 +257,17 @@ class Http2Connection(asyncio.Protocol):
         self.ctx.stats.h2_goaway(reason)
         self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, reason.encode())
 
-    # -- used by the streams ----------------------------------------------------------------------
+    # -- used by the streams ----------
     def flush(self) -> None:
+        """Write what the streams produced at the end of this turn of the event loop: the
+        responses of several streams whose backends answered in the same turn go out in one
+        write."""
+        if not self.write_due:
+            self.write_due = True
+            self.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.write_due = False
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
@@ -268,13 +278,15 @@ class Http2Connection(asyncio.Protocol):
             if not self.streams:
                 if self.goaway_sent:
                     self.close_soon()
+                elif self.ctx.draining:
+                    self.go_away(ErrorCodes.NO_ERROR)
                 else:
                     self.idle()
 
     def sent_data_frame(self) -> None:
         self.data_frames += 1
 
-    # -- the connection's end ---------------------------------------------------------------------
+    # -- the connection's end ----------
     def go_away(self, code: ErrorCodes, reason: bytes = b"") -> None:
         """No new streams; the ones under way are dropped (a hostile peer's) and the socket
         closes once the GOAWAY is written."""
@@ -284,7 +296,7 @@ class Http2Connection(asyncio.Protocol):
         self.close_soon()
 
     def close_soon(self) -> None:
-        self.flush()
+        self.write_now()
         self.closing = True
         streams, self.streams = self.streams, {}
         for stream in streams.values():
@@ -297,14 +309,11 @@ class Http2Connection(asyncio.Protocol):
                 self.transport.close()
 
     def drain(self) -> None:
-        """Shutting down: GOAWAY (NO_ERROR) now; the streams under way finish, then close."""
-        if self.goaway_sent:
-            return
-        self.goaway_sent = True
-        self.h2.close_connection(error_code=ErrorCodes.NO_ERROR)
-        self.flush()
+        """Shutting down: new streams are refused (REFUSED_STREAM: the client retries them on
+        another connection); once the streams under way are done, GOAWAY (NO_ERROR) and close.
+        The GOAWAY waits for them because the h2 library sends nothing more after one."""
         if not self.streams:
-            self.close_soon()
+            self.go_away(ErrorCodes.NO_ERROR)
 
     def on_deadline(self) -> None:
         """Linger after GOAWAY over; idle (no stream) for `client_idle` (or no request within

@@ -29,7 +29,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
-from h2.exceptions import FlowControlError, StreamClosedError
+from h2.exceptions import ProtocolError
 
 from proxy import errors
 from proxy.admission import route_request
@@ -149,7 +149,7 @@ class H2Stream:
         self.tunnel_in = 0
         self.tunnel_up: UpstreamConnection | None = None
 
-    # -- the request, from the connection ----------------------------------------------------------
+    # -- the request, from the connection ----------
     def request_received(self, headers: Fields, ended: bool) -> None:
         ex = self.exchange = H2Exchange(self)
         ex.head_complete()
@@ -240,7 +240,7 @@ class H2Stream:
         if n and not self.closed:
             try:
                 self.connection.h2.acknowledge_received_data(n, self.stream_id)
-            except StreamClosedError:
+            except ProtocolError:
                 pass
             self.connection.flush()
 
@@ -280,16 +280,16 @@ class H2Stream:
             ex.bytes_in, ex.bytes_out = self.tunnel_in, up.tunnel_out
         self.ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
 
-    # -- the response, written as frames -------------------------------------------------------------
+    # -- the response, written as frames ----------
     def send_head(self, status: int, fields: Fields, end: bool = False) -> None:
         if self.closed:
             return
         if status >= 200:
             self.answered = True
         try:
-            self.connection.h2.send_headers(self.stream_id, [(b":status", b"%d" % status)]
-                                            + fields, end_stream=end)
-        except StreamClosedError:
+            self.connection.h2.send_headers(
+                self.stream_id, [(b":status", b"%d" % status), *fields], end_stream=end)
+        except ProtocolError:
             self.client_lost()
             return
         if end:
@@ -347,7 +347,7 @@ class H2Stream:
                     h2.send_headers(sid, end, end_stream=True)
                 self.finished()
                 return
-        except (StreamClosedError, FlowControlError):
+        except ProtocolError:
             self.client_lost()
             return
         self.set_writing_paused(connection.writing_paused)
@@ -387,7 +387,7 @@ class H2Stream:
             return
         try:
             self.connection.h2.reset_stream(self.stream_id, code)
-        except StreamClosedError:
+        except ProtocolError:
             pass
         self.connection.flush()
         self.client_lost()
@@ -407,7 +407,7 @@ class H2Stream:
             # the rest of its body is never read, so the exchange ends here
             try:
                 self.connection.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
-            except StreamClosedError:
+            except ProtocolError:
                 pass
             self.ended = True
             if self.exchange is not None:
@@ -415,7 +415,7 @@ class H2Stream:
         self.closed = True
         self.connection.stream_done(self)
 
-    # -- ClientSide ------------------------------------------------------------------------------------
+    # -- ClientSide ----------
     def flush_out(self) -> None:
         self.connection.flush()
 
@@ -504,7 +504,7 @@ class H2Exchange(Exchange):
             call.cancel()
         super().client_lost()
 
-    # -- the response (ResponseDestination), as frames ------------------------------------------------
+    # -- the response (ResponseDestination), as frames ----------
     def response_head(self, up: UpstreamConnection, status: int) -> None:
         stream = self.conn
         try:
@@ -598,7 +598,7 @@ class H2Exchange(Exchange):
         self.started = monotonic()
         self.conn.start_tunnel(self, up, rest)
 
-    # -- answers the proxy makes itself ---------------------------------------------------------------
+    # -- answers the proxy makes itself ----------
     def answer(self, error: errors.ProxyError) -> None:
         stream = self.conn
         status = error.status
