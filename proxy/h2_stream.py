@@ -109,10 +109,10 @@ class StreamTransport:
         return self.stream.closed
 
     def close(self) -> None:
+        """END_STREAM once what is pending is out (H2Stream.finished then ends the stream)."""
         if not self.stream.closed:
             self.stream.send_end()
             self.stream.connection.flush()
-            self.stream.finished()
 
     def abort(self) -> None:
         self.stream.reset(ErrorCodes.CANCEL)
@@ -268,8 +268,8 @@ class H2Stream:
         ex = self.exchange
         if tunnel is not None:
             tunnel.client_lost()
-            if ex is not None:
-                self.account_tunnel(ex)
+        if ex is not None and self.tunnel_up is not None:
+            self.account_tunnel(ex)
         if ex is not None:
             ex.client_lost()
 
@@ -401,18 +401,26 @@ class H2Stream:
         self.reset(ErrorCodes.CANCEL)
 
     def finished(self) -> None:
-        """Our side of the stream is closed (END_STREAM sent)."""
-        if not self.ended and self.tunnel is None:
-            # answered before the request ended: ask the client to stop sending (RFC 9113 8.1);
-            # the rest of its body is never read, so the exchange ends here
+        """Our side of the stream is closed (END_STREAM sent): the stream is done. A request
+        still being sent is stopped (RST_STREAM NO_ERROR, RFC 9113 8.1) and its exchange ends
+        here, as does a tunnel (its backend connection is closed)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.ended:
             try:
                 self.connection.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
             except ProtocolError:
                 pass
             self.ended = True
-            if self.exchange is not None:
-                self.exchange.end()
-        self.closed = True
+        ex = self.exchange
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.client_lost()
+        if ex is not None and not ex.ended and (ex.request != RECEIVED or ex.response == TUNNEL):
+            if self.tunnel_up is not None:
+                self.account_tunnel(ex)
+            ex.end()
         self.connection.stream_done(self)
 
     # -- ClientSide ----------
@@ -450,9 +458,6 @@ class H2Stream:
 
     def tunnel_lost(self) -> None:
         """The backend side of the tunnel is gone: end the stream after what was sent."""
-        ex = self.exchange
-        if ex is not None and self.tunnel is not None:
-            self.account_tunnel(ex)
         self.tunnel = None
         if not self.closed:
             self.send_end()

@@ -785,8 +785,8 @@ async def test_chunked_response_trailers_reach_the_h2_client(edge):
     async def handler(reader, writer):
         await read_request_head(reader)
         writer.write(response_with([("Trailer", "X-Checksum, Grpc-Status")], body, True,
-                                   b"X-Checksum: abc\r\nGrpc-Status: 0\r\nContent-Length: 5\r\n"
-                                   b"Set-Cookie: a=b\r\n"))
+                                   b"X-Checksum: abc\r\nGrpc-Status: 0\r\nSet-Cookie: a=b\r\n"
+                                   b"Cache-Control: no-store\r\n"))
         await writer.drain()
 
     async with serve_on(edge.raw_port, handler), h2(edge.port) as c:
@@ -864,9 +864,14 @@ class WsEcho:
 @contextlib.asynccontextmanager
 async def ws_echo(port: int):
     echo = WsEcho()
-    async with ws_serve(echo.handler, "127.0.0.1", port, process_request=echo.process_request,
-                        compression=None, max_size=None, ping_interval=None):
+    server = await ws_serve(echo.handler, "127.0.0.1", port, process_request=echo.process_request,
+                            compression=None, max_size=None, ping_interval=None)
+    try:
         yield echo
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
 
 
 async def ws_messages(c: H2Client, sid: int, count: int, buf: bytes = b""

@@ -237,12 +237,17 @@ class H2Client:
             self.conn.end_stream(sid)
             await self.drain()
 
-    def end(self, sid: int, trailers: Fields | None = None) -> None:
-        if trailers:
-            self.conn.send_headers(sid, trailers, end_stream=True)
-        else:
-            self.conn.end_stream(sid)
+    def end(self, sid: int, trailers: Fields | None = None) -> bool:
+        """End our side of a stream (with trailers); False if the stream was already closed."""
+        try:
+            if trailers:
+                self.conn.send_headers(sid, trailers, end_stream=True)
+            else:
+                self.conn.end_stream(sid)
+        except h2.exceptions.StreamClosedError:
+            return False
         self.flush()
+        return True
 
     def reset(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
         self.conn.reset_stream(sid, code)
