@@ -68,6 +68,7 @@ class GrpcBackend(asyncio.Protocol):
         self.calls: dict[int, GrpcCall] = {}
         self.closed = False
         self.goaway = False  # the backend said GOAWAY: no new calls here
+        self.deadline = 0.0  # without calls, closed after [timeouts] upstream_idle
         self.h2 = H2Connection(config=H2Configuration(
             client_side=True, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False, validate_inbound_headers=True))
@@ -86,6 +87,7 @@ class GrpcBackend(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.pool.members.add(self)
         self.pool.pools.register(self.pool)
+        self.pool.pools.sweeper.watched.add(self)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(16 * WINDOW - 65535)
         self.flush()
@@ -141,6 +143,7 @@ class GrpcBackend(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         pool = self.pool
+        pool.pools.sweeper.watched.discard(self)
         pool.members.discard(self)
         if pool.multiplexed is self:
             pool.multiplexed = None
@@ -157,6 +160,15 @@ class GrpcBackend(asyncio.Protocol):
     def call_done(self, call: GrpcCall) -> None:
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
+            if not self.calls:
+                pools = self.pool.pools
+                self.deadline = pools.loop.time() + pools.idle_timeout
+
+    def on_deadline(self) -> None:
+        if not self.calls:
+            if self.pool.multiplexed is self:
+                self.pool.multiplexed = None
+            self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
@@ -246,6 +258,7 @@ class GrpcCall:
         h2 = backend.h2
         self.stream_id = h2.get_next_available_stream_id()
         backend.calls[self.stream_id] = self
+        backend.deadline = 0.0
         try:
             h2.send_headers(self.stream_id,
                             request_fields(ex.method, ex.target, ex.upstream_head))
@@ -255,8 +268,8 @@ class GrpcCall:
             self.backend = None
             ex.answer(errors.UpstreamClosed(ex.sandbox_id, ex.port))
             return
-        if ex.request == RECEIVED and not self.pending:
-            self.pending_end = self.pending_end or True
+        if ex.request == RECEIVED and self.pending_end is False:  # it ended before the call
+            self.request_ended(ex.trailers)
         self.pump()
         backend.flush()
         self.stream.gate.resume(WAITING_UPSTREAM)
@@ -269,7 +282,7 @@ class GrpcCall:
             self.backend.flush()
 
     def request_ended(self, trailers: Fields | None) -> None:
-        self.pending_end = trailer_fields(trailers) or True if trailers else True
+        self.pending_end = (trailer_fields(trailers) or True) if trailers else True
         if self.backend is not None and not self.pending:
             self.pump()
             self.backend.flush()

@@ -183,7 +183,8 @@ class H2Stream:
                 content_length = True
             elif name == b"content-type":
                 kind = value[:20].lower()
-                grpc = kind == b"application/grpc" or kind[:17] == b"application/grpc+"
+                grpc = kind == b"application/grpc" or kind[:17] in (b"application/grpc+",
+                                                                    b"application/grpc;")
             fields.append((name, value))
         if authority is not None:
             fields.insert(0, (b"host", authority))
