@@ -25,7 +25,6 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -43,6 +42,7 @@ from h2.settings import SettingCodes, Settings
 from proxy import errors
 from proxy.exchange import RECEIVED, SENT, STREAMING, WAITING
 from proxy.flow import PEER_FULL, WAITING_UPSTREAM
+from proxy.h2_connection import H2Connection
 from proxy.headers import HOP_BY_HOP, trailer_fields
 from proxy.pools import BackendRefused, ConnectFailed
 
@@ -130,12 +130,18 @@ class GrpcBackend(asyncio.Protocol):
                 else:
                     for each in list(self.calls.values()):
                         each.pump()
-            elif kind is ConnectionTerminated:
+            elif kind is ConnectionTerminated:  # graceful or not: no new calls here
                 self.goaway = True
+                if self.pool.multiplexed is self:
+                    self.pool.multiplexed = None
                 last = event.last_stream_id or 0  # type: ignore[attr-defined]
                 for stream_id, each in list(self.calls.items()):
                     if stream_id > last:  # never processed by the backend
                         each.backend_lost("the sandbox is going away")
+                if event.error_code != ErrorCodes.NO_ERROR:  # type: ignore[attr-defined]
+                    self.flush()
+                    self.abort()
+                    return
             elif kind is InformationalResponseReceived:
                 pass
         self.flush()
@@ -161,6 +167,9 @@ class GrpcBackend(asyncio.Protocol):
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
             if not self.calls:
+                if self.goaway:  # the backend's graceful GOAWAY: its last call is done
+                    self.transport.close()
+                    return
                 pools = self.pool.pools
                 self.deadline = pools.loop.time() + pools.idle_timeout
 
@@ -338,6 +347,7 @@ class GrpcCall:
         ex._response_to(STREAMING)
         ex.record_response(status, "http")
         self.head_sent = True
+        self.stream.flush_out()  # written at the end of this loop turn, with the rest
         if ended:
             self.ended = True
             if self.backend is not None:
@@ -350,6 +360,7 @@ class GrpcCall:
     def response_data(self, data: bytes, flow_controlled: int) -> None:
         self.ex.bytes_out += len(data)
         self.stream.send_body(data)
+        self.stream.flush_out()
         self.unacked += flow_controlled
         if not self.paused:
             self.acknowledge()

@@ -30,7 +30,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -49,6 +48,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
+from proxy.h2_connection import H2Connection
 from proxy.h2_stream import H2Stream
 
 if TYPE_CHECKING:
@@ -170,9 +170,13 @@ class Http2Connection(asyncio.Protocol):
                 self.count_control()
                 self.window_updated(0)  # a new initial window may unblock streams
             elif kind is ConnectionTerminated:
-                self.goaway_sent = True
-                self.close_soon()
-                return
+                if event.error_code == ErrorCodes.NO_ERROR and self.streams:  # type: ignore[attr-defined]
+                    # graceful: the streams under way are answered, then the socket closes
+                    self.last_stream = self.h2.highest_inbound_stream_id
+                else:
+                    self.goaway_sent = True
+                    self.close_soon()
+                    return
             elif kind in (PingReceived, PriorityUpdated, UnknownFrameReceived):
                 self.count_control()
             if self.closing:

@@ -219,7 +219,6 @@ def test_client_cancel_reaches_backend(grpc_proxy, grpc_backend, channels):
     p = grpc_proxy()
     # the deadline is later than the wait below: only the cancel can end the backend's call
     call = channels(p).count(json.dumps({"n": 1, "hold": 50}).encode(), timeout=50)
-    assert next(call) == b"0"
     [record] = grpc_backend.wait_calls("Count")
     assert not record.ended.is_set()
     call.cancel()
@@ -319,13 +318,13 @@ def test_backend_graceful_shutdown_lets_calls_under_way_finish(grpc_proxy, grpc_
     through the proxy; a backend started again on the port is reached by the next call."""
     p = grpc_proxy()
     echo = channels(p)
-    call = echo.count(json.dumps({"n": 2, "hold": 1.0}).encode(), timeout=CALL_TIMEOUT)
-    assert next(call) == b"0"
+    call = echo.count(json.dumps({"n": 2, "hold": 2.0}).encode(), timeout=CALL_TIMEOUT)
     [record] = grpc_backend.wait_calls("Count")
+    assert not record.ended.is_set()  # the shutdown starts while the call is under way
     stopping = threading.Thread(target=grpc_backend.stop, args=(10,))
     stopping.start()
     try:
-        assert list(call) == [b"1"]
+        assert list(call) == [b"0", b"1"]
         assert call.code() == grpc.StatusCode.OK, (call.code(), call.details())
         assert not record.cut_short
     finally:
@@ -471,6 +470,24 @@ def test_removed_sandbox_loses_its_backend_connection(grpc_proxy, grpc_backend, 
 
     wait_for(reachable, APPLY_WITHIN, "the re-added sandbox reachable")
 
+
+
+def test_idle_backend_connection_is_closed_and_reopened(grpc_proxy, grpc_backend, channels):
+    """The shared h2c connection is closed once it has carried no call for [timeouts]
+    upstream_idle, never while a call is under way (a stream held open longer than that
+    completes), and the next call opens a new one."""
+    p = grpc_proxy(config={"timeouts": {"upstream_idle": 0.5}})
+    echo = channels(p)
+    call = echo.count(json.dumps({"n": 2, "hold": 1.5}).encode(), timeout=CALL_TIMEOUT)
+    assert list(call) == [b"0", b"1"]
+    assert call.code() == grpc.StatusCode.OK
+    [held] = grpc_backend.wait_calls("Count")
+    assert not held.cut_short
+    wait_for(lambda: connections_to(p.pid, grpc_backend.port) == 0, 10,
+             "the idle backend connection closed")
+    assert echo.unary(b"again", timeout=CALL_TIMEOUT) == b"again"
+    [again] = grpc_backend.wait_calls("Unary")
+    assert again.peer != held.peer  # a new connection
 
 # -- accounting ------------------------------------------------------------------------------------
 
