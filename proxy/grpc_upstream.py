@@ -25,7 +25,6 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -37,12 +36,13 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from proxy import errors
 from proxy.exchange import RECEIVED, SENT, STREAMING, WAITING
 from proxy.flow import PEER_FULL, WAITING_UPSTREAM
+from proxy.h2_connection import H2Connection
 from proxy.headers import HOP_BY_HOP, trailer_fields
 from proxy.pools import BackendRefused, ConnectFailed
 
@@ -68,6 +68,7 @@ class GrpcBackend(asyncio.Protocol):
         self.calls: dict[int, GrpcCall] = {}
         self.closed = False
         self.goaway = False  # the backend said GOAWAY: no new calls here
+        self.deadline = 0.0  # without calls, closed after [timeouts] upstream_idle
         self.h2 = H2Connection(config=H2Configuration(
             client_side=True, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False, validate_inbound_headers=True))
@@ -86,6 +87,7 @@ class GrpcBackend(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.pool.members.add(self)
         self.pool.pools.register(self.pool)
+        self.pool.pools.sweeper.watched.add(self)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(16 * WINDOW - 65535)
         self.flush()
@@ -128,12 +130,18 @@ class GrpcBackend(asyncio.Protocol):
                 else:
                     for each in list(self.calls.values()):
                         each.pump()
-            elif kind is ConnectionTerminated:
+            elif kind is ConnectionTerminated:  # graceful or not: no new calls here
                 self.goaway = True
+                if self.pool.multiplexed is self:
+                    self.pool.multiplexed = None
                 last = event.last_stream_id or 0  # type: ignore[attr-defined]
                 for stream_id, each in list(self.calls.items()):
                     if stream_id > last:  # never processed by the backend
                         each.backend_lost("the sandbox is going away")
+                if event.error_code != ErrorCodes.NO_ERROR:  # type: ignore[attr-defined]
+                    self.flush()
+                    self.abort()
+                    return
             elif kind is InformationalResponseReceived:
                 pass
         self.flush()
@@ -141,6 +149,7 @@ class GrpcBackend(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         pool = self.pool
+        pool.pools.sweeper.watched.discard(self)
         pool.members.discard(self)
         if pool.multiplexed is self:
             pool.multiplexed = None
@@ -157,6 +166,18 @@ class GrpcBackend(asyncio.Protocol):
     def call_done(self, call: GrpcCall) -> None:
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
+            if not self.calls:
+                if self.goaway:  # the backend's graceful GOAWAY: its last call is done
+                    self.transport.close()
+                    return
+                pools = self.pool.pools
+                self.deadline = pools.loop.time() + pools.idle_timeout
+
+    def on_deadline(self) -> None:
+        if not self.calls:
+            if self.pool.multiplexed is self:
+                self.pool.multiplexed = None
+            self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
@@ -246,6 +267,7 @@ class GrpcCall:
         h2 = backend.h2
         self.stream_id = h2.get_next_available_stream_id()
         backend.calls[self.stream_id] = self
+        backend.deadline = 0.0
         try:
             h2.send_headers(self.stream_id,
                             request_fields(ex.method, ex.target, ex.upstream_head))
@@ -255,13 +277,13 @@ class GrpcCall:
             self.backend = None
             ex.answer(errors.UpstreamClosed(ex.sandbox_id, ex.port))
             return
-        if ex.request == RECEIVED and not self.pending:
-            self.pending_end = self.pending_end or True
+        if ex.request == RECEIVED and self.pending_end is False:  # it ended before the call
+            self.request_ended(ex.trailers)
         self.pump()
         backend.flush()
         self.stream.gate.resume(WAITING_UPSTREAM)
 
-    # -- client -> backend ---------------------------------------------------------------------------
+    # -- client -> backend -------------------------------------------------------------------------
     def request_data(self, data: bytes) -> None:
         self.pending.append(data)
         if self.backend is not None and len(self.pending) == 1:
@@ -269,7 +291,7 @@ class GrpcCall:
             self.backend.flush()
 
     def request_ended(self, trailers: Fields | None) -> None:
-        self.pending_end = trailer_fields(trailers) or True if trailers else True
+        self.pending_end = (trailer_fields(trailers) or True) if trailers else True
         if self.backend is not None and not self.pending:
             self.pump()
             self.backend.flush()
@@ -306,10 +328,10 @@ class GrpcCall:
                     h2.end_stream(sid)
                 else:
                     h2.send_headers(sid, end, end_stream=True)
-        except (StreamClosedError, FlowControlError):
+        except ProtocolError:
             pending.clear()
 
-    # -- backend -> client ---------------------------------------------------------------------------
+    # -- backend -> client -------------------------------------------------------------------------
     def response_head(self, headers: Fields, ended: bool) -> None:
         ex = self.ex
         status = 200
@@ -325,6 +347,7 @@ class GrpcCall:
         ex._response_to(STREAMING)
         ex.record_response(status, "http")
         self.head_sent = True
+        self.stream.flush_out()  # written at the end of this loop turn, with the rest
         if ended:
             self.ended = True
             if self.backend is not None:
@@ -337,6 +360,7 @@ class GrpcCall:
     def response_data(self, data: bytes, flow_controlled: int) -> None:
         self.ex.bytes_out += len(data)
         self.stream.send_body(data)
+        self.stream.flush_out()
         self.unacked += flow_controlled
         if not self.paused:
             self.acknowledge()
@@ -347,7 +371,7 @@ class GrpcCall:
         if n and backend is not None and not backend.closed:
             try:
                 backend.h2.acknowledge_received_data(n, self.stream_id)
-            except StreamClosedError:
+            except ProtocolError:
                 pass
             backend.flush()
 
@@ -406,7 +430,7 @@ class GrpcCall:
             backend.call_done(self)
             try:
                 backend.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-            except (StreamClosedError, ProtocolError):
+            except ProtocolError:
                 pass
             backend.flush()
 

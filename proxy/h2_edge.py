@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import monotonic
 from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -48,7 +46,9 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
+from proxy.h2_connection import H2Connection
 from proxy.h2_stream import H2Stream
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class Http2Connection(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "h2", "client_ip", "trusted", "host_cache", "streams",
         "writing_paused", "closing", "closed", "deadline", "window_start", "control_frames",
-        "resets", "data_frames", "goaway_sent", "opened",
+        "resets", "data_frames", "goaway_sent", "last_stream", "write_due",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: bytes, trusted: bool):
@@ -95,8 +95,9 @@ class Http2Connection(asyncio.Protocol):
         self.control_frames = 0
         self.resets = 0
         self.data_frames = 0
-        self.goaway_sent = False
-        self.opened = monotonic()
+        self.goaway_sent = False  # the h2 connection is closed (an error, or the end)
+        self.last_stream: int | None = None  # a graceful GOAWAY announced this last stream
+        self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
         limits = ctx.config.limits
         h2 = self.h2 = H2Connection(config=_configuration())
         h2.local_settings = Settings(client=False, initial_values={
@@ -110,7 +111,7 @@ class Http2Connection(asyncio.Protocol):
         h2.decoder.max_header_list_size = limits.max_header_bytes
         h2.decoder.max_allowed_table_size = 4096
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------
+    # -- asyncio.Protocol ----------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         ctx = self.ctx
@@ -147,8 +148,8 @@ class Http2Connection(asyncio.Protocol):
                     stream.data_received(event.data,  # type: ignore[attr-defined]
                                          event.flow_controlled_length)  # type: ignore[attr-defined]
                 else:  # for a stream already answered: give the window back
-                    self.h2.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id)  # type: ignore[attr-defined]
+                    self.give_back(event.flow_controlled_length,  # type: ignore[attr-defined]
+                                   event.stream_id)  # type: ignore[attr-defined]
                 if not event.data and not event.stream_ended:  # type: ignore[attr-defined]
                     self.count_control()
             elif kind is RequestReceived:
@@ -169,9 +170,13 @@ class Http2Connection(asyncio.Protocol):
                 self.count_control()
                 self.window_updated(0)  # a new initial window may unblock streams
             elif kind is ConnectionTerminated:
-                self.goaway_sent = True
-                self.close_soon()
-                return
+                if event.error_code == ErrorCodes.NO_ERROR and self.streams:  # type: ignore[attr-defined]
+                    # graceful: the streams under way are answered, then the socket closes
+                    self.last_stream = self.h2.highest_inbound_stream_id
+                else:
+                    self.goaway_sent = True
+                    self.close_soon()
+                    return
             elif kind in (PingReceived, PriorityUpdated, UnknownFrameReceived):
                 self.count_control()
             if self.closing:
@@ -195,17 +200,17 @@ class Http2Connection(asyncio.Protocol):
         for stream in self.streams.values():
             stream.pause_backend()
         if self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
-            self.ctx.stats.h2_goaway("not_reading")
-            self.transport.abort()
+            self.not_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         for stream in list(self.streams.values()):
             stream.resume_backend()
 
-    # -- events ---------------------------------------------------------------------------------
+    # -- events ----------
     def request_received(self, event: RequestReceived) -> None:
-        if self.goaway_sent:  # after GOAWAY (drain): the client retries it elsewhere
+        if self.last_stream is not None and event.stream_id > self.last_stream:
+            # opened after our GOAWAY: unprocessed, the client retries it (RFC 9113 8.7)
             self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = H2Stream(self, event.stream_id)
@@ -256,25 +261,52 @@ class Http2Connection(asyncio.Protocol):
         self.ctx.stats.h2_goaway(reason)
         self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, reason.encode())
 
-    # -- used by the streams ----------------------------------------------------------------------
+    # -- used by the streams ----------
     def flush(self) -> None:
+        """Write what the streams produced at the end of this turn of the event loop: the
+        responses of several streams whose backends answered in the same turn go out in one
+        write."""
+        if not self.write_due:
+            self.write_due = True
+            self.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.write_due = False
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
+            if self.writing_paused and self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
+                self.not_reading()
+
+    def not_reading(self) -> None:
+        """Frames the client asked for (PING and SETTINGS acknowledgements) pile up unread."""
+        log.warning("HTTP/2 client %s does not read what it asks for; connection cut",
+                    self.client_ip.decode())
+        self.ctx.stats.h2_goaway("not_reading")
+        self.closed = True
+        self.transport.abort()
 
     def stream_done(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+            if self.ctx.draining:
+                self.announce_goaway()  # HTTP/1.1's Connection: close while draining
             if not self.streams:
-                if self.goaway_sent:
+                if self.goaway_sent or self.last_stream is not None:
                     self.close_soon()
                 else:
                     self.idle()
 
+    def give_back(self, size: int, stream_id: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(size, stream_id)
+        except ProtocolError:
+            pass  # the connection is closing
+
     def sent_data_frame(self) -> None:
         self.data_frames += 1
 
-    # -- the connection's end ---------------------------------------------------------------------
+    # -- the connection's end ----------
     def go_away(self, code: ErrorCodes, reason: bytes = b"") -> None:
         """No new streams; the ones under way are dropped (a hostile peer's) and the socket
         closes once the GOAWAY is written."""
@@ -284,7 +316,7 @@ class Http2Connection(asyncio.Protocol):
         self.close_soon()
 
     def close_soon(self) -> None:
-        self.flush()
+        self.write_now()
         self.closing = True
         streams, self.streams = self.streams, {}
         for stream in streams.values():
@@ -297,14 +329,24 @@ class Http2Connection(asyncio.Protocol):
                 self.transport.close()
 
     def drain(self) -> None:
-        """Shutting down: GOAWAY (NO_ERROR) now; the streams under way finish, then close."""
-        if self.goaway_sent:
-            return
-        self.goaway_sent = True
-        self.h2.close_connection(error_code=ErrorCodes.NO_ERROR)
-        self.flush()
+        """Shutting down: GOAWAY now; the streams under way finish, then the socket closes."""
+        self.announce_goaway()
         if not self.streams:
             self.close_soon()
+
+    def announce_goaway(self) -> None:
+        """A graceful GOAWAY (NO_ERROR, the last stream this connection will serve), while the
+        streams under way go on. The frame is written here because the h2 library's own
+        close_connection() ends the connection's state machine: nothing could be sent after."""
+        if self.last_stream is not None or self.goaway_sent:
+            return
+        self.last_stream = self.h2.highest_inbound_stream_id
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.last_stream
+        frame.error_code = ErrorCodes.NO_ERROR
+        self.write_now()
+        if not self.closed:
+            self.transport.write(frame.serialize())
 
     def on_deadline(self) -> None:
         """Linger after GOAWAY over; idle (no stream) for `client_idle` (or no request within

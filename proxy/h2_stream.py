@@ -29,7 +29,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
-from h2.exceptions import FlowControlError, StreamClosedError
+from h2.exceptions import ProtocolError
 
 from proxy import errors
 from proxy.admission import route_request
@@ -109,10 +109,10 @@ class StreamTransport:
         return self.stream.closed
 
     def close(self) -> None:
+        """END_STREAM once what is pending is out (H2Stream.finished then ends the stream)."""
         if not self.stream.closed:
             self.stream.send_end()
             self.stream.connection.flush()
-            self.stream.finished()
 
     def abort(self) -> None:
         self.stream.reset(ErrorCodes.CANCEL)
@@ -149,7 +149,7 @@ class H2Stream:
         self.tunnel_in = 0
         self.tunnel_up: UpstreamConnection | None = None
 
-    # -- the request, from the connection ----------------------------------------------------------
+    # -- the request, from the connection ----------
     def request_received(self, headers: Fields, ended: bool) -> None:
         ex = self.exchange = H2Exchange(self)
         ex.head_complete()
@@ -183,7 +183,8 @@ class H2Stream:
                 content_length = True
             elif name == b"content-type":
                 kind = value[:20].lower()
-                grpc = kind == b"application/grpc" or kind[:17] == b"application/grpc+"
+                grpc = kind == b"application/grpc" or kind[:17] in (b"application/grpc+",
+                                                                    b"application/grpc;")
             fields.append((name, value))
         if authority is not None:
             fields.insert(0, (b"host", authority))
@@ -240,7 +241,7 @@ class H2Stream:
         if n and not self.closed:
             try:
                 self.connection.h2.acknowledge_received_data(n, self.stream_id)
-            except StreamClosedError:
+            except ProtocolError:
                 pass
             self.connection.flush()
 
@@ -268,8 +269,8 @@ class H2Stream:
         ex = self.exchange
         if tunnel is not None:
             tunnel.client_lost()
-            if ex is not None:
-                self.account_tunnel(ex)
+        if ex is not None and self.tunnel_up is not None:
+            self.account_tunnel(ex)
         if ex is not None:
             ex.client_lost()
 
@@ -280,16 +281,16 @@ class H2Stream:
             ex.bytes_in, ex.bytes_out = self.tunnel_in, up.tunnel_out
         self.ctx.stats.stream_duration[ex.protocol].observe(monotonic() - ex.started)
 
-    # -- the response, written as frames -------------------------------------------------------------
+    # -- the response, written as frames ----------
     def send_head(self, status: int, fields: Fields, end: bool = False) -> None:
         if self.closed:
             return
         if status >= 200:
             self.answered = True
         try:
-            self.connection.h2.send_headers(self.stream_id, [(b":status", b"%d" % status)]
-                                            + fields, end_stream=end)
-        except StreamClosedError:
+            self.connection.h2.send_headers(
+                self.stream_id, [(b":status", b"%d" % status), *fields], end_stream=end)
+        except ProtocolError:
             self.client_lost()
             return
         if end:
@@ -347,7 +348,7 @@ class H2Stream:
                     h2.send_headers(sid, end, end_stream=True)
                 self.finished()
                 return
-        except (StreamClosedError, FlowControlError):
+        except ProtocolError:
             self.client_lost()
             return
         self.set_writing_paused(connection.writing_paused)
@@ -387,7 +388,7 @@ class H2Stream:
             return
         try:
             self.connection.h2.reset_stream(self.stream_id, code)
-        except StreamClosedError:
+        except ProtocolError:
             pass
         self.connection.flush()
         self.client_lost()
@@ -401,21 +402,29 @@ class H2Stream:
         self.reset(ErrorCodes.CANCEL)
 
     def finished(self) -> None:
-        """Our side of the stream is closed (END_STREAM sent)."""
-        if not self.ended and self.tunnel is None:
-            # answered before the request ended: ask the client to stop sending (RFC 9113 8.1);
-            # the rest of its body is never read, so the exchange ends here
+        """Our side of the stream is closed (END_STREAM sent): the stream is done. A request
+        still being sent is stopped (RST_STREAM NO_ERROR, RFC 9113 8.1) and its exchange ends
+        here, as does a tunnel (its backend connection is closed)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.ended:
             try:
                 self.connection.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
-            except StreamClosedError:
+            except ProtocolError:
                 pass
             self.ended = True
-            if self.exchange is not None:
-                self.exchange.end()
-        self.closed = True
+        ex = self.exchange
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.client_lost()
+        if ex is not None and not ex.ended and (ex.request != RECEIVED or ex.response == TUNNEL):
+            if self.tunnel_up is not None:
+                self.account_tunnel(ex)
+            ex.end()
         self.connection.stream_done(self)
 
-    # -- ClientSide ------------------------------------------------------------------------------------
+    # -- ClientSide ----------
     def flush_out(self) -> None:
         self.connection.flush()
 
@@ -450,9 +459,6 @@ class H2Stream:
 
     def tunnel_lost(self) -> None:
         """The backend side of the tunnel is gone: end the stream after what was sent."""
-        ex = self.exchange
-        if ex is not None and self.tunnel is not None:
-            self.account_tunnel(ex)
         self.tunnel = None
         if not self.closed:
             self.send_end()
@@ -504,7 +510,7 @@ class H2Exchange(Exchange):
             call.cancel()
         super().client_lost()
 
-    # -- the response (ResponseDestination), as frames ------------------------------------------------
+    # -- the response (ResponseDestination), as frames ----------
     def response_head(self, up: UpstreamConnection, status: int) -> None:
         stream = self.conn
         try:
@@ -598,7 +604,7 @@ class H2Exchange(Exchange):
         self.started = monotonic()
         self.conn.start_tunnel(self, up, rest)
 
-    # -- answers the proxy makes itself ---------------------------------------------------------------
+    # -- answers the proxy makes itself ----------
     def answer(self, error: errors.ProxyError) -> None:
         stream = self.conn
         status = error.status

@@ -4,8 +4,9 @@ connect.
 `UpstreamPool` keeps idle keep-alive connections (proxy/upstream.py) for one (sandbox, address,
 port): pools are never shared across sandboxes, so an address reused by the next sandbox can never
 be handed the previous one's connection. `UpstreamPools` finds pools and closes every connection
-of a sandbox the registry removed (HTTP/1.1 ones, and the one h2c connection gRPC calls share). `BackendPolicy` decides which resolved addresses may be
-connected to; the address checked is the address connected to.
+of a sandbox the registry removed (HTTP/1.1 ones, and the one h2c connection gRPC calls share,
+proxy/grpc_upstream.py). `BackendPolicy` decides which resolved addresses may be connected to;
+the address checked is the address connected to.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ LOADED_POLL_SECONDS = 0.05  # until the registry's first answer
 # writer): a change to any of these is reported and takes effect after a restart.
 RESTART_KEYS = (("server", "listen"), ("server", "workers"), ("server", "backlog"),
                 ("server", "proxy_protocol"), ("server", "http2"), ("server", "tls"),
-                ("registry", None), ("metrics", None), ("admin", None), ("log", "access"), ("activity", None))
+                ("registry", None), ("metrics", None), ("admin", None), ("log", "access"),
+                ("activity", None))
 
 
 def install_event_loop_policy() -> None:

@@ -66,15 +66,15 @@ async def test_metrics_count_real_traffic(proxy):
     s = await scrape(p)
     requests = "sandbox_proxy_requests_total"
     assert value(s, requests, code_class="2xx", method="GET", protocol="http",
-                 origin="backend") == 5
+                 origin="backend", http="h1") == 5
     assert value(s, requests, code_class="5xx", method="GET", protocol="http",
-                 origin="proxy") == 3
+                 origin="proxy", http="h1") == 3
     assert value(s, requests, code_class="2xx", method="POST", protocol="http",
-                 origin="backend") == 1
+                 origin="backend", http="h1") == 1
     assert value(s, requests, code_class="1xx", method="GET", protocol="websocket",
-                 origin="backend") == 1
+                 origin="backend", http="h1") == 1
     assert value(s, requests, code_class="2xx", method="GET", protocol="sse",
-                 origin="backend") == 1
+                 origin="backend", http="h1") == 1
     assert value(s, "sandbox_proxy_request_duration_seconds_count") == 11
     assert value(s, "sandbox_proxy_stream_duration_seconds_count", protocol="websocket") == 1
     assert value(s, "sandbox_proxy_stream_duration_seconds_count", protocol="sse") == 1
@@ -110,7 +110,7 @@ async def test_metrics_are_summed_across_workers(proxy):
     async def counted() -> bool:
         s = await scrape(p)
         return value(s, "sandbox_proxy_requests_total", code_class="2xx", method="GET",
-                     protocol="http", origin="backend") == total
+                     protocol="http", origin="backend", http="h1") == total
     await wait_until(counted, timeout=5)
     s = await scrape(p)
     assert value(s, "sandbox_proxy_workers") == 2
