@@ -270,6 +270,7 @@ class Exchange:
         if up is not None:
             self.bind(up)
         else:
+            pool.connecting += 1  # the pool stays registered until this request has its answer
             self.connecting = self.conn.loop.create_task(self.open_connection(pool))
 
     async def open_connection(self, pool: UpstreamPool) -> None:
@@ -277,6 +278,9 @@ class Exchange:
         try:
             up = await pool.connect()
         except (ConnectFailed, BackendRefused) as exc:
+            pool.connecting -= 1
+            if not pool.members and not pool.connecting:
+                pool.pools.drop(pool)
             self.connecting = None
             if not self.conn.closed and self.response == WAITING:
                 log.warning("backend %s:%s of sandbox %s: %s", pool.host, pool.port,
@@ -288,6 +292,7 @@ class Exchange:
                 else:
                     self.answer(errors.PortNotOpen(self.sandbox_id, self.port))
             return
+        pool.connecting -= 1
         self.connecting = None
         self.connect_time = monotonic() - started
         if self.conn.closed or self.response != WAITING:

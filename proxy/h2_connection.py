@@ -1,4 +1,4 @@
-"""The h2 library's connection object, with the one change both HTTP/2 sides of the proxy need.
+"""The h2 library's connection object, with two deviations the proxy needs.
 
 RFC 9113 6.8: a GOAWAY with NO_ERROR is graceful; the streams it lets finish (up to its last
 stream id) go on, and the connection closes once they are done. The `h2` library (checked
@@ -8,8 +8,15 @@ ProtocolError: a gRPC server shutting down or reaching max_connection_age (GOAWA
 would cut every call under way, and a client's graceful GOAWAY would lose the responses it is
 still waiting for. `H2Connection` keeps the state and the queued bytes on a graceful GOAWAY; the
 event (ConnectionTerminated) is still delivered, and the owner stops opening or accepting new
-streams. This overrides one private method (the only hook there is); pyproject.toml pins h2 below
-5 so a release that changes it is a deliberate upgrade.
+streams.
+
+RFC 9113 5.1.2: a stream opened beyond SETTINGS_MAX_CONCURRENT_STREAMS is a stream error; the
+library makes it a connection error, which would end every stream under way. Here that one stream
+is refused with RST_STREAM REFUSED_STREAM (safe for the client to retry), its header block still
+decoded so the HPACK context stays in step.
+
+Both override private methods (the only hooks there are); pyproject.toml pins h2 below 5 so a
+release that changes them is a deliberate upgrade.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from typing import TYPE_CHECKING
 
 import h2.connection
 from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError, StreamIDTooLowError, TooManyStreamsError
+from h2.stream import StreamClosedBy
+from hyperframe.frame import RstStreamFrame
 
 if TYPE_CHECKING:
     from h2.events import Event
-    from hyperframe.frame import Frame, GoAwayFrame
+    from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
 
 
 class H2Connection(h2.connection.H2Connection):
@@ -34,3 +44,28 @@ class H2Connection(h2.connection.H2Connection):
         self.state_machine.state = state
         self._data_to_send += queued
         return frames, events
+
+    # RFC 9113 5.1.2: a HEADERS frame beyond SETTINGS_MAX_CONCURRENT_STREAMS is a stream error
+    # (PROTOCOL_ERROR or REFUSED_STREAM); the library makes it a connection error, which ends
+    # every stream under way. Here the one stream is refused (REFUSED_STREAM: safe to retry).
+    refused = 0  # streams refused and not yet counted by the owner
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
+        try:
+            return super()._receive_headers_frame(frame)
+        except TooManyStreamsError:
+            pass
+        # the block was encoded against this connection's HPACK context: decode it anyway, or
+        # every later block would be misread (RFC 9113 4.3)
+        h2.connection._decode_headers(self.decoder, frame.data)
+        sid = frame.stream_id
+        if sid <= self.highest_inbound_stream_id:
+            raise StreamIDTooLowError(sid, self.highest_inbound_stream_id)
+        if sid % 2 == 0:
+            raise ProtocolError("Invalid stream ID for peer.")
+        self.highest_inbound_stream_id = sid
+        # frames that still come on it are answered RST_STREAM STREAM_CLOSED, as on any stream
+        # we reset
+        self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
+        self.refused += 1
+        return [RstStreamFrame(sid, error_code=ErrorCodes.REFUSED_STREAM)], []

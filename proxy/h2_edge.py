@@ -58,6 +58,7 @@ log = logging.getLogger("sandbox_proxy.h2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes queued for a client that does not read: then it is cut
+WRITE_BURST = 256 * 1024        # DATA bytes produced in one loop turn before they are written
 GOAWAY_LINGER = 2.0             # seconds after GOAWAY before the socket closes
 
 
@@ -75,7 +76,7 @@ class Http2Connection(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "h2", "client_ip", "trusted", "host_cache", "streams",
         "writing_paused", "closing", "closed", "deadline", "window_start", "control_frames",
-        "resets", "data_frames", "goaway_sent", "last_stream", "write_due",
+        "resets", "data_frames", "goaway_sent", "last_stream", "write_due", "unwritten",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: bytes, trusted: bool):
@@ -98,6 +99,7 @@ class Http2Connection(asyncio.Protocol):
         self.goaway_sent = False  # the h2 connection is closed (an error, or the end)
         self.last_stream: int | None = None  # a graceful GOAWAY announced this last stream
         self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
+        self.unwritten = 0  # DATA bytes produced since the last write
         limits = ctx.config.limits
         h2 = self.h2 = H2Connection(config=_configuration())
         h2.local_settings = Settings(client=False, initial_values={
@@ -140,6 +142,10 @@ class Http2Connection(asyncio.Protocol):
             self.goaway_sent = True
             self.close_soon()
             return
+        h2 = self.h2
+        while h2.refused:  # streams refused beyond the limit: work asked for, like a PING
+            h2.refused -= 1
+            self.count_control()
         for event in events:
             kind = type(event)
             if kind is DataReceived:
@@ -272,6 +278,7 @@ class Http2Connection(asyncio.Protocol):
 
     def write_now(self) -> None:
         self.write_due = False
+        self.unwritten = 0
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
@@ -280,6 +287,8 @@ class Http2Connection(asyncio.Protocol):
 
     def not_reading(self) -> None:
         """Frames the client asked for (PING and SETTINGS acknowledgements) pile up unread."""
+        if self.closed:
+            return  # pause_writing and write_now both saw it: one cut, one count
         log.warning("HTTP/2 client %s does not read what it asks for; connection cut",
                     self.client_ip.decode())
         self.ctx.stats.h2_goaway("not_reading")
@@ -303,8 +312,14 @@ class Http2Connection(asyncio.Protocol):
         except ProtocolError:
             pass  # the connection is closing
 
-    def sent_data_frame(self) -> None:
+    def sent_data_frame(self, size: int) -> None:
         self.data_frames += 1
+        self.unwritten += size
+        if self.unwritten >= WRITE_BURST:
+            # libuv reads a fast backend up to 32 times in one loop turn: write now, so that a
+            # full socket pauses the backends (pause_writing) before megabytes of DATA pile up
+            # for one write and look like a client that does not read
+            self.write_now()
 
     # -- the connection's end ----------
     def go_away(self, code: ErrorCodes, reason: bytes = b"") -> None:

@@ -331,7 +331,7 @@ class H2Stream:
                 else:
                     h2.send_data(sid, data)
                     pending.popleft()
-                connection.sent_data_frame()
+                connection.sent_data_frame(min(size, len(data)))
             if pending:
                 if not self.blocked_since:
                     self.blocked_since = self.loop.time()
@@ -399,6 +399,7 @@ class H2Stream:
         ex = self.exchange
         if ex is not None:
             ex.outcome = "client_stalled"
+            ex.end()  # accounted now: the reset below would make it a client that left
         self.reset(ErrorCodes.CANCEL)
 
     def finished(self) -> None:

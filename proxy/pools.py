@@ -69,7 +69,8 @@ class BackendPolicy:
 class UpstreamPool:
     """Idle keep-alive connections to one backend address of one sandbox."""
 
-    __slots__ = ("pools", "key", "sandbox_id", "host", "port", "idle", "members", "multiplexed")
+    __slots__ = ("pools", "key", "sandbox_id", "host", "port", "idle", "members", "multiplexed",
+                 "connecting")
 
     def __init__(self, pools: UpstreamPools, key: tuple[str, str, int]):
         self.pools = pools
@@ -81,6 +82,10 @@ class UpstreamPool:
         # the h2c connection native gRPC calls to this backend are multiplexed on
         # (proxy/grpc_upstream.py), or the task opening it
         self.multiplexed: Any = None
+        # requests waiting for a connection this pool opens, counted from the moment they ask
+        # (before their task first runs): until they have it the pool stays registered, or the
+        # connection would land in a pool no request finds (never reused, not in the gauges)
+        self.connecting = 0
 
     def take(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -111,7 +116,7 @@ class UpstreamPool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.members.discard(conn)
-        if not self.members:
+        if not self.members and not self.connecting:
             self.pools.drop(self)
 
     async def resolve(self) -> str:
@@ -157,7 +162,7 @@ class UpstreamPool:
                 return conn
             except BackendRefused:
                 stats.connect_failed("not_allowed")
-                if not self.members:
+                if not self.members and not self.connecting:
                     pools.drop(self)
                 raise
             except TimeoutError:
@@ -170,7 +175,7 @@ class UpstreamPool:
             except OSError as exc:
                 kind, timed_out, reason = "other", False, exc.strerror or str(exc)
             stats.connect_failed(kind)
-        if not self.members:
+        if not self.members and not self.connecting:
             pools.drop(self)
         raise ConnectFailed(reason, timed_out)
 

@@ -4,8 +4,10 @@ Owns: ``H2Client``, an asyncio HTTP/2 client on the ``h2`` library's state machi
 flow control, trailers, RFC 8441 extended CONNECT), which can hold back its receive window to
 play a slow reader; ``FrameConn``, raw frames (``hyperframe``) and HPACK (``hpack``) on a socket,
 for what no client library will send (floods, resets, bombs, connection-specific fields);
-``ws_frame``/``ws_parse``, hand-built WebSocket frames (RFC 6455) to carry over a stream; and
-``tls_client_context``/``write_tls_cert``, the trustme certificate a TLS proxy serves.
+``ws_frame``/``ws_parse``, hand-built WebSocket frames (RFC 6455) to carry over a stream;
+``tls_client_context``/``write_tls_cert``, the trustme certificate a TLS proxy serves; and around
+them ``serve_on`` (a hand-written backend on a port a registry record names) and ``RssPeak`` (the
+proxy's peak RSS while a transfer or an attack runs).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import json
 import os
 import ssl
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import h2.config
 import h2.connection
