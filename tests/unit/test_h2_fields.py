@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import errors
-from proxy.grpc_upstream import request_fields
-from proxy.h2_stream import _percent_encode, grpc_error_fields
+from proxy.grpc_call import request_fields
+from proxy.h2_exchange import _percent_encode, grpc_error_fields
 from proxy.headers import (
     HOP_BY_HOP,
     build_request_head,
