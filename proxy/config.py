@@ -129,7 +129,7 @@ DEFAULT_ALLOWED_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) fo
 class UpstreamConfig:
     connect_attempts: int = 4
     connect_backoff: float = 0.1
-    max_idle_per_backend: int = 64
+    max_idle_per_backend: int = 128
     allowed_networks: tuple[Network, ...] = DEFAULT_ALLOWED_NETWORKS
     # with a Host mask, a same-origin Origin/Referer follows it (proxy/origin.py); a record's
     # mask_origin overrides this

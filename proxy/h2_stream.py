@@ -76,7 +76,7 @@ class StreamTransport:
 
     def write(self, data: bytes) -> None:
         self.stream.send_body(data)
-        self.stream.connection.flush()
+        self.stream.flush_out()
 
     def write_eof(self) -> None:
         self.stream.send_end()
@@ -277,12 +277,11 @@ class H2Stream:
             self.finished()
 
     def send_body(self, data: bytes) -> None:
-        if self.closed or not data:
-            return
-        pending = self.pending
-        pending.append(data)
-        if len(pending) == 1:
-            self.pump()
+        """Queue response bytes: they are framed at flush_out (the end of the backend's read)
+        or with the end of the stream, so a body that ends in the read it came in is one DATA
+        frame that also carries END_STREAM."""
+        if not self.closed and data:
+            self.pending.append(data)
 
     def send_end(self, trailers: Fields | None = None) -> None:
         """END_STREAM after what is pending (with `trailers`, a final HEADERS frame)."""
@@ -308,10 +307,18 @@ class H2Stream:
                 if len(data) > size:
                     h2.send_data(sid, data[:size])
                     pending[0] = data[size:]
-                else:
-                    h2.send_data(sid, data)
-                    pending.popleft()
-                connection.sent_data_frame(min(size, len(data)))
+                    connection.sent_data_frame(size)
+                    continue
+                pending.popleft()
+                if not pending and self.pending_end is True:  # the last bytes end the stream
+                    self.pending_end = False
+                    h2.send_data(sid, data, end_stream=True)
+                    connection.sent_data_frame(len(data))
+                    self.blocked_since = 0.0
+                    self.finished()
+                    return
+                h2.send_data(sid, data)
+                connection.sent_data_frame(len(data))
             if pending:
                 if not self.blocked_since:
                     self.blocked_since = self.loop.time()
@@ -407,6 +414,8 @@ class H2Stream:
 
     # -- ClientSide ----------
     def flush_out(self) -> None:
+        if self.pending:
+            self.pump()
         self.connection.flush()
 
     def exchange_done(self, ex: Exchange) -> None:
