@@ -282,15 +282,7 @@ class Exchange:
             if not pool.members and not pool.connecting:
                 pool.pools.drop(pool)
             self.connecting = None
-            if not self.conn.closed and self.response == WAITING:
-                log.warning("backend %s:%s of sandbox %s: %s", pool.host, pool.port,
-                            pool.sandbox_id, exc)
-                if isinstance(exc, BackendRefused):
-                    self.answer(errors.BackendNotAllowed(self.sandbox_id))
-                elif exc.timed_out:
-                    self.answer(errors.UpstreamTimeout(self.sandbox_id, self.port))
-                else:
-                    self.answer(errors.PortNotOpen(self.sandbox_id, self.port))
+            self.connect_failed(pool, exc)
             return
         pool.connecting -= 1
         self.connecting = None
@@ -299,6 +291,19 @@ class Exchange:
             pool.release(up)  # a connection made just as the client left goes to the pool
             return
         self.bind(up)
+
+    def connect_failed(self, pool: UpstreamPool, exc: ConnectFailed | BackendRefused) -> None:
+        """No connection to the backend could be opened: answer, unless nobody waits for it."""
+        if self.conn.closed or self.response != WAITING:
+            return
+        log.warning("backend %s:%s of sandbox %s: %s", pool.host, pool.port, pool.sandbox_id,
+                    exc)
+        if isinstance(exc, BackendRefused):
+            self.answer(errors.BackendNotAllowed(self.sandbox_id))
+        elif exc.timed_out:
+            self.answer(errors.UpstreamTimeout(self.sandbox_id, self.port))
+        else:
+            self.answer(errors.PortNotOpen(self.sandbox_id, self.port))
 
     def bind(self, up: UpstreamConnection) -> None:
         """Send the head (and any body received meanwhile) on `up`."""

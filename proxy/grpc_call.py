@@ -66,13 +66,7 @@ class GrpcCall:
             if pool.multiplexed is opening:
                 pool.multiplexed = None
             ex.connecting = None
-            if not self.stream.closed and ex.response == WAITING:
-                log.warning("gRPC backend %s:%s of sandbox %s: %s", pool.host, pool.port,
-                            pool.sandbox_id, exc)
-                if isinstance(exc, BackendRefused):
-                    ex.answer(errors.BackendNotAllowed(ex.sandbox_id))
-                else:
-                    ex.answer(errors.PortNotOpen(ex.sandbox_id, ex.port))
+            ex.connect_failed(pool, exc)
             return
         ex.connecting = None
         ex.connect_time = monotonic() - self.started
@@ -130,18 +124,7 @@ class GrpcCall:
         sid = self.stream_id
         pending = self.pending
         try:
-            while pending:
-                window = h2.local_flow_control_window(sid)
-                if window <= 0:
-                    break
-                data = pending[0]
-                size = min(window, h2.max_outbound_frame_size)
-                if len(data) > size:
-                    h2.send_data(sid, data[:size])
-                    pending[0] = data[size:]
-                else:
-                    h2.send_data(sid, data)
-                    pending.popleft()
+            _, _, ended = h2.send_queued(sid, pending, self.pending_end is True)
             if pending:
                 self.stream.gate.pause(PEER_FULL)
                 return
@@ -149,10 +132,11 @@ class GrpcCall:
             end = self.pending_end
             if end is not False:
                 self.pending_end = False
-                if end is True:
-                    h2.end_stream(sid)
-                else:
-                    h2.send_headers(sid, end, end_stream=True)
+                if not ended:
+                    if end is True:
+                        h2.end_stream(sid)
+                    else:
+                        h2.send_headers(sid, end, end_stream=True)
         except ProtocolError:
             pending.clear()
 

@@ -1,4 +1,5 @@
-"""The h2 library's connection object, with two deviations the proxy needs.
+"""The h2 library's connection object, with two deviations the proxy needs and one helper
+both HTTP/2 sides use (`send_queued`: DATA within the flow-control windows).
 
 RFC 9113 6.8: a GOAWAY with NO_ERROR is graceful; the streams it lets finish (up to its last
 stream id) go on, and the connection closes once they are done. The `h2` library (checked
@@ -21,6 +22,7 @@ release that changes them is a deliberate upgrade.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 import h2.connection
@@ -35,6 +37,33 @@ if TYPE_CHECKING:
 
 
 class H2Connection(h2.connection.H2Connection):
+    def send_queued(self, stream_id: int, queued: deque[bytes], end: bool,
+                    ) -> tuple[int, int, bool]:
+        """DATA frames for `queued` (consumed from the left) as far as the stream's and the
+        connection's windows allow; with `end`, the frame holding the last bytes carries
+        END_STREAM. Returns (frames, bytes, whether END_STREAM went out)."""
+        frames = size = 0
+        while queued:
+            window = self.local_flow_control_window(stream_id)
+            if window <= 0:
+                break
+            data = queued[0]
+            most = min(window, self.max_outbound_frame_size)
+            if len(data) > most:
+                self.send_data(stream_id, data[:most])
+                queued[0] = data[most:]
+                frames += 1
+                size += most
+                continue
+            queued.popleft()
+            last = end and not queued
+            self.send_data(stream_id, data, end_stream=last)
+            frames += 1
+            size += len(data)
+            if last:
+                return frames, size, True
+        return frames, size, False
+
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
         if frame.error_code != ErrorCodes.NO_ERROR:
             return super()._receive_goaway_frame(frame)

@@ -312,8 +312,9 @@ class Http2Connection(asyncio.Protocol):
         except ProtocolError:
             pass  # the connection is closing
 
-    def sent_data_frame(self, size: int) -> None:
-        self.data_frames += 1
+    def sent_data(self, frames: int, size: int) -> None:
+        """A stream queued `frames` DATA frames holding `size` bytes."""
+        self.data_frames += frames
         self.unwritten += size
         if self.unwritten >= WRITE_BURST:
             # libuv reads a fast backend up to 32 times in one loop turn: write now, so that a

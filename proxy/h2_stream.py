@@ -298,27 +298,14 @@ class H2Stream:
         sid = self.stream_id
         pending = self.pending
         try:
-            while pending:
-                window = h2.local_flow_control_window(sid)
-                if window <= 0:
-                    break
-                data = pending[0]
-                size = min(window, h2.max_outbound_frame_size)
-                if len(data) > size:
-                    h2.send_data(sid, data[:size])
-                    pending[0] = data[size:]
-                    connection.sent_data_frame(size)
-                    continue
-                pending.popleft()
-                if not pending and self.pending_end is True:  # the last bytes end the stream
-                    self.pending_end = False
-                    h2.send_data(sid, data, end_stream=True)
-                    connection.sent_data_frame(len(data))
-                    self.blocked_since = 0.0
-                    self.finished()
-                    return
-                h2.send_data(sid, data)
-                connection.sent_data_frame(len(data))
+            frames, size, ended = h2.send_queued(sid, pending, self.pending_end is True)
+            if frames:
+                connection.sent_data(frames, size)
+            if ended:  # the last bytes carried END_STREAM
+                self.pending_end = False
+                self.blocked_since = 0.0
+                self.finished()
+                return
             if pending:
                 if not self.blocked_since:
                     self.blocked_since = self.loop.time()
