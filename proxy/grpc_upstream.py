@@ -57,6 +57,7 @@ class GrpcBackend(asyncio.Protocol):
         self.closed = False
         self.goaway = False  # the backend said GOAWAY: no new calls here
         self.deadline = 0.0  # without calls, closed after [timeouts] upstream_idle
+        self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
         self.h2 = H2Connection(config=H2Configuration(
             client_side=True, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False, validate_inbound_headers=True))
@@ -86,7 +87,7 @@ class GrpcBackend(asyncio.Protocol):
         except ProtocolError as exc:
             log.info("HTTP/2 protocol error from backend %s:%s of %s: %s", self.pool.host,
                      self.pool.port, self.pool.sandbox_id, exc)
-            self.flush()
+            self.write_now()
             self.abort()
             return
         for event in events:
@@ -127,7 +128,7 @@ class GrpcBackend(asyncio.Protocol):
                     if stream_id > last:  # never processed by the backend
                         each.backend_lost("the sandbox is going away")
                 if event.error_code != ErrorCodes.NO_ERROR:  # type: ignore[attr-defined]
-                    self.flush()
+                    self.write_now()
                     self.abort()
                     return
             elif kind is InformationalResponseReceived:
@@ -147,6 +148,14 @@ class GrpcBackend(asyncio.Protocol):
             call.backend_lost("the sandbox closed the connection")
 
     def flush(self) -> None:
+        """Write what the calls produced at the end of this turn of the event loop: every call
+        started, fed or acknowledged in one turn goes out in one write."""
+        if not self.write_due:
+            self.write_due = True
+            self.pool.pools.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.write_due = False
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
@@ -156,6 +165,7 @@ class GrpcBackend(asyncio.Protocol):
             del self.calls[call.stream_id]
             if not self.calls:
                 if self.goaway:  # the backend's graceful GOAWAY: its last call is done
+                    self.write_now()
                     self.transport.close()
                     return
                 pools = self.pool.pools
