@@ -174,7 +174,7 @@ class Http2Connection(asyncio.Protocol):
                     stream.trailers_received(event.headers)  # type: ignore[attr-defined]
             elif kind is RemoteSettingsChanged:
                 self.count_control()
-                self.window_updated(0)  # a new initial window may unblock streams
+                self.windows_opened(0)  # a new initial window may unblock streams
             elif kind is ConnectionTerminated:
                 if event.error_code == ErrorCodes.NO_ERROR and self.streams:  # type: ignore[attr-defined]
                     # graceful: the streams under way are answered, then the socket closes
@@ -236,6 +236,15 @@ class Http2Connection(asyncio.Protocol):
             stream.client_lost()
 
     def window_updated(self, stream_id: int) -> None:
+        self.windows_opened(stream_id)
+        # WINDOW_UPDATEs beyond one per DATA frame sent are frames that ask nothing
+        if self.data_frames > 0:
+            self.data_frames -= 1
+        else:
+            self.count_control()
+
+    def windows_opened(self, stream_id: int) -> None:
+        """Send what waited for the client's window: one stream's, or (0) every stream's."""
         if stream_id:
             stream = self.streams.get(stream_id)
             if stream is not None:
@@ -243,11 +252,6 @@ class Http2Connection(asyncio.Protocol):
         else:
             for stream in list(self.streams.values()):
                 stream.window_opened()
-        # WINDOW_UPDATEs beyond one per DATA frame sent are frames that ask nothing
-        if self.data_frames > 0:
-            self.data_frames -= 1
-        else:
-            self.count_control()
 
     def count_control(self) -> None:
         now = self.loop.time()
