@@ -14,6 +14,7 @@ from typing import Any
 from proxy.host import SANDBOX_ID_CHARS
 
 _HOST = re.compile(r"[^\s/]+")  # a host name or address: no whitespace, no slash
+_PLAIN_MASK = re.compile(r"[!-~]+")  # a Host mask of visible ASCII (what the fast path takes)
 _NO_PORTS: Mapping[int, int] = MappingProxyType({})  # shared: a million records, one empty map
 STATES = ("running", "paused", "pausing", "resuming")
 TRANSITIONS = frozenset({"pausing", "resuming"})
@@ -173,11 +174,15 @@ class SandboxRecord:
 
 def record_from_mapping(sandbox_id: str, data: Any) -> SandboxRecord:
     """Validate one registry entry; raise ValueError('<key>: <problem>') when it is unusable."""
-    if type(data) is dict and len(data) == 1:  # the common entry: just a host (fast path)
+    if type(data) is dict and len(data) <= 2:
+        # the common entries: a host, or a host and a Host mask (fast path; anything it does not
+        # accept is judged below, which accepts all it accepts, with the same record)
         host = data.get("host")
+        mask = data.get("mask_request_host")
         if (type(host) is str and _HOST.fullmatch(host) and sandbox_id
+                and (len(data) == 1 or (type(mask) is str and _PLAIN_MASK.fullmatch(mask)))
                 and SANDBOX_ID_CHARS.issuperset(sandbox_id)):
-            return SandboxRecord(sandbox_id, host)
+            return SandboxRecord(sandbox_id, host, None, mask)
     if not sandbox_id or not SANDBOX_ID_CHARS.issuperset(sandbox_id):
         raise ValueError("sandbox id must match ^[a-z0-9]+$")
     if not isinstance(data, dict):
