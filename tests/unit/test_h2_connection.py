@@ -17,8 +17,9 @@ from h2.events import (
     WindowUpdated,
 )
 
-from .fakes import HOST, expire, open_edge, response, tick
 from proxy.h2_edge import Http2Connection
+
+from .fakes import HOST, expire, open_edge, response, tick
 
 AUTHORITY = HOST
 
