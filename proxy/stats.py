@@ -60,7 +60,10 @@ class Stats:
         self.connections_opened = 0
         self.h2_connections = 0     # of them, the ones that became HTTP/2
         self.h2_streams = 0
-        self.h2_goaways: dict[str, int] = {}  # GOAWAYs the proxy sent for a client's misdeed
+        # GOAWAYs the proxy sent for a client's misdeed, by reason; the rows exist from the start
+        # (increase() sees the first one, and the series is there to alert on)
+        self.h2_goaways: dict[str, int] = dict.fromkeys(
+            ("protocol_error", "rapid_reset", "control_flood", "not_reading"), 0)
         self.response_duration = Histogram(RESPONSE_BUCKETS)  # time to the response head
         self.stream_duration = {"websocket": Histogram(STREAM_BUCKETS),
                                 "sse": Histogram(STREAM_BUCKETS),

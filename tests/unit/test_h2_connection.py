@@ -113,7 +113,7 @@ async def test_ping_flood_gets_enhance_your_calm(tmp_path):
     events = await c.events()
     goaway = [ev for ev in events if isinstance(ev, ConnectionTerminated)]
     assert goaway and goaway[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
-    assert e.ctx.stats.h2_goaways == {"control_flood": 1}
+    assert {k: n for k, n in e.ctx.stats.h2_goaways.items() if n} == {"control_flood": 1}
     assert c.conn.closing
 
 
