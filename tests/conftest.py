@@ -19,6 +19,7 @@ import pytest
 from support.backends import ThreadedBackend
 from support.process import ProxyProcess, free_port, launch_proxy, standard_registry
 from support.raw_http import RawConn
+from support.recording_backend import RecordingFleet
 
 # --------------------------------------------------------------------------
 # CI: a skipped test is a failed test when SANDBOX_PROXY_NO_SKIP=1
@@ -70,6 +71,14 @@ def backend():
     b = ThreadedBackend(name="main").start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    """Recording backends (tests/support/recording_backend.py), one module's worth."""
+    f = RecordingFleet()
+    yield f
+    f.stop()
 
 
 @pytest.fixture(scope="session")

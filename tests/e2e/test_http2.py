@@ -63,7 +63,7 @@ from support.raw_http import (
     metric_value,
     not_found_body,
 )
-from support.recording_backend import RecordingBackend, RecordingFleet
+from support.recording_backend import RecordingBackend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,13 +112,6 @@ def module_registry(backend_port: int, refused_port: int, recs: list[RecordingBa
     for i, b in enumerate(recs):
         reg[f"rec{i}"] = {"host": "127.0.0.1", "ports": {3000: b.port}}
     return reg
-
-
-@pytest.fixture(scope="module")
-def fleet():
-    f = RecordingFleet()
-    yield f
-    f.stop()
 
 
 @pytest.fixture(scope="module")

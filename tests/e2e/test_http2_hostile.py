@@ -51,13 +51,6 @@ REC = "3000-rec.localhost"
 
 
 @pytest.fixture(scope="module")
-def fleet():
-    f = RecordingFleet()
-    yield f
-    f.stop()
-
-
-@pytest.fixture(scope="module")
 def rec(fleet):
     """A recording backend (every byte kept): proof that an attack reached no sandbox."""
     return fleet.add("h2hostile")

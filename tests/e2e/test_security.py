@@ -359,13 +359,6 @@ def start_edge(tmp_path_factory, fleet: RecordingFleet, tag: str, config: dict,
 
 
 @pytest.fixture(scope="module")
-def fleet():
-    f = RecordingFleet()
-    yield f
-    f.stop()
-
-
-@pytest.fixture(scope="module")
 def edge(tmp_path_factory, fleet):
     """[access] browser_cookie = true."""
     e = start_edge(tmp_path_factory, fleet, "cookie", {"access": {"browser_cookie": True}})

@@ -7,7 +7,6 @@ the proxy's connections to a backend.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from h2.events import (
 )
 
 from support.grpc_backend import MAX_MESSAGE, SERVICE
-from support.process import _children
+from support.process import socket_inodes
 
 TOKEN_HEADER = "e2b-traffic-access-token"  # [access] token_header's default
 
@@ -68,25 +67,10 @@ class Echo:
 
 # -- the proxy's connections, as the kernel sees them ----------------------------------------------
 
-def _socket_inodes(pid: int) -> set[str]:
-    inodes: set[str] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{p}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{p}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-        todo.extend(_children(p))
-    return inodes
-
-
 def connections_to(pid: int, port: int) -> int:
     """TCP connections in ESTABLISHED state that process ``pid`` (and its children) holds to
     remote port ``port``."""
-    inodes = _socket_inodes(pid)
+    inodes = socket_inodes(pid)
     n = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:

@@ -131,8 +131,8 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports in LISTEN state on sockets held by ``pid`` and its descendants."""
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets held by ``pid`` and its descendants."""
     inodes: set[str] = set()
     todo = [pid]
     while todo:
@@ -144,6 +144,12 @@ def listening_ports(pid: int) -> set[int]:
                     if target.startswith("socket:["):
                         inodes.add(target[8:-1])
         todo.extend(_children(p))
+    return inodes
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state on sockets held by ``pid`` and its descendants."""
+    inodes = socket_inodes(pid)
     ports: set[int] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
