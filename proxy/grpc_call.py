@@ -22,7 +22,7 @@ from h2.exceptions import ProtocolError
 from proxy import errors
 from proxy.exchange import RECEIVED, SENT, STREAMING, WAITING
 from proxy.flow import PEER_FULL, WAITING_UPSTREAM
-from proxy.headers import HOP_BY_HOP, trailer_fields
+from proxy.headers import HOP_BY_HOP, fields_of_lines, scan_response_headers, trailer_fields
 from proxy.pools import BackendRefused, ConnectFailed
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sandbox_proxy.grpc")
 
 Fields = list[tuple[bytes, bytes]]
-# Response fields never relayed: connection-specific ones (RFC 9113 8.2.2), and a length the
-# proxy does not check.
+# Request fields never forwarded to a gRPC backend: connection-specific ones (RFC 9113 8.2.2),
+# and a length HTTP/2 frames itself.
 _NOT_RELAYED = HOP_BY_HOP | frozenset({b"content-length"})
 
 
@@ -110,7 +110,8 @@ class GrpcCall:
             self.backend.flush()
 
     def request_ended(self, trailers: Fields | None) -> None:
-        self.pending_end = (trailer_fields(trailers) or True) if trailers else True
+        private = self.stream.ctx.private_headers  # the token never reaches a backend
+        self.pending_end = (trailer_fields(trailers, private) or True) if trailers else True
         if self.backend is not None and not self.pending:
             self.pump()
             self.backend.flush()
@@ -144,13 +145,23 @@ class GrpcCall:
     def response_head(self, headers: Fields, ended: bool) -> None:
         ex = self.ex
         status = 200
-        fields = []
+        regular = []
         for name, value in headers:
             if name == b":status":
                 status = int(value)
-            elif name[:1] != b":" and name not in _NOT_RELAYED:
-                fields.append((name, value))
+            elif name[:1] != b":":
+                regular.append((name, value))
         if ex.response != WAITING:
+            return
+        # the one rule for what a client may receive (proxy/headers.py): connection-specific
+        # fields and framing dropped, Set-Cookie confined to the sandbox's own host
+        isolate = ex.host if self.stream.ctx.isolate_cookies else None
+        try:
+            fields = fields_of_lines(scan_response_headers(regular, isolate).lines)
+        except ValueError as exc:  # MalformedHeaders too
+            log.info("invalid gRPC response from sandbox %s: %s", ex.sandbox_id, exc)
+            self.cancel()
+            self.backend_lost("the sandbox sent an invalid response")
             return
         ex.status = status
         ex._response_to(STREAMING)

@@ -36,6 +36,7 @@ from proxy.admission import route_request
 from proxy.exchange import BODY, RECEIVED, TUNNEL, Exchange
 from proxy.flow import PEER_FULL
 from proxy.h2_exchange import H2Exchange
+from proxy.headers import request_line_valid
 from proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -191,6 +192,9 @@ class H2Stream:
             # a body of unknown length: chunked to the HTTP/1.1 backend
             fields.append((b"transfer-encoding", b"chunked"))
         self.ctx.stats.h2_streams += 1
+        if (ex.error is None and ex.method != b"CONNECT"  # CONNECT: refused by route_request
+                and not request_line_valid(ex.method, ex.target)):
+            ex.error = errors.BadRequest("Malformed :method or :path")
         if ex.error is None:
             try:
                 if size > self.ctx.max_header_bytes or len(fields) > self.ctx.max_header_count:

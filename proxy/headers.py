@@ -40,6 +40,23 @@ _SPECIAL = HOP_BY_HOP | FORWARDING | WRITTEN_BY_PROXY
 _CONNECTION_OPTIONS_WITHOUT_HEADERS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+# RFC 9110 5.6.2 tchar: what a method (and a field name) may be made of
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                   b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# a request target as a request line can carry it: no controls, no whitespace (RFC 9112 3.2)
+_TARGET_BYTES = frozenset(range(0x21, 0x7F)) | frozenset(range(0x80, 0x100))
+
+
+def request_line_valid(method: bytes, target: bytes) -> bool:
+    """Whether `method` and `target` can be written into an HTTP/1.1 request line as they are.
+
+    llhttp enforces this for HTTP/1.1 clients; HTTP/2 carries them as field values (which only
+    exclude CR, LF and NUL), so a space or a control byte there would re-split the line the
+    backend parses (RFC 9113 8.3.1 makes such a request malformed)."""
+    return (bool(method) and _TCHAR.issuperset(method)
+            and bool(target) and _TARGET_BYTES.issuperset(target))
+
+
 class MalformedHeaders(ValueError):
     """The head cannot be forwarded safely (answered with 400 and a closed connection)."""
 

@@ -251,6 +251,23 @@ def test_backend_status_details_and_trailers_reach_client_exactly(grpc_proxy, ch
     assert error.details() == "Größe 100% überschritten ✓"
 
 
+def test_backend_cookies_are_confined_to_the_sandbox_on_grpc_too(grpc_proxy, channels):
+    """A gRPC response is a response like any other: a Set-Cookie whose Domain names the shared
+    parent domain loses it (no cookie tossing onto sibling sandboxes), one naming the sandbox's
+    own host keeps it."""
+    p = grpc_proxy()
+    echo = channels(p)
+    own = authority()
+    error = rpc_error(lambda: echo.fail(json.dumps({
+        "code": "NOT_FOUND", "details": "x",
+        "headers": [["set-cookie", "toss=1; Domain=localhost; Path=/"],
+                    ["set-cookie", f"own=1; Domain={own}"]],
+    }).encode(), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    cookies = [v for k, v in error.initial_metadata() if k == "set-cookie"]
+    assert cookies == ["toss=1; Path=/", f"own=1; Domain={own}"], cookies
+
+
 def test_error_after_streamed_messages_keeps_messages_and_status(grpc_proxy, channels):
     """A server stream that fails after sending messages delivers those messages, then the
     backend's status (in trailers after the DATA frames), not a proxy-made one."""

@@ -549,6 +549,55 @@ async def test_connection_specific_request_fields_are_refused(edge, fleet, name,
     assert rec.bytes_received() == 0, rec.raw()[:300]
 
 
+# Every byte that could re-split the HTTP/1.1 head the backend parses, in every place an HTTP/2
+# request carries text that ends up in that head: field values and names (CR, LF, NUL) and the
+# request line (:method, :path: controls, space, tab, DEL).
+_SPLITTERS = [b"\r", b"\n", b"\r\n", b"\x00"]
+_LINE_BREAKERS = [*_SPLITTERS, b" ", b"\t", b"\x7f", b"\x01", b"\x1f"]
+_SMUGGLE = b"X-Smuggled: 1"
+_INJECTIONS = (
+    [("value", ch) for ch in _SPLITTERS]
+    + [("name", ch) for ch in _SPLITTERS]
+    + [(":path", ch) for ch in _LINE_BREAKERS]
+    + [(":method", ch) for ch in _LINE_BREAKERS]
+)
+
+
+@pytest.mark.parametrize("where, ch", _INJECTIONS,
+                         ids=[f"{w}-{c!r}" for w, c in _INJECTIONS])
+async def test_bytes_that_would_split_the_backend_head_never_reach_it(edge, fleet, where, ch):
+    """No byte an HTTP/2 client puts in a field or the request line can re-split the HTTP/1.1
+    head the backend reads: such a request is refused (PROTOCOL_ERROR, or 400 for a request
+    line HTTP/1.1 could not carry) and nothing of it reaches the backend."""
+    fleet.reset()
+    rec = edge.recs[1]
+    path, method, extra = b"/m/inj1x/", b"GET", [(b"x-probe", b"ok")]
+    if where == "value":
+        extra = [(b"x-probe", b"a" + ch + _SMUGGLE)]
+    elif where == "name":
+        extra = [(b"x-pro" + ch + b"be", b"ok")]
+    elif where == ":path":
+        path = b"/m/inj1x/a" + ch + b"HTTP/1.1"
+    else:
+        method = b"GET" + ch + b"/"
+    f = await FrameConn.open(edge.port)
+    try:
+        sid = f.new_stream()
+        f.send(f.headers(sid, [(b":method", method), (b":scheme", b"http"),
+                               (b":authority", edge.authority("rec1").encode()),
+                               (b":path", path), *extra]))
+        end = await f.until(lambda fr: isinstance(fr, (GoAwayFrame, RstStreamFrame))
+                            or f.status(sid) is not None)
+    finally:
+        await f.aclose()
+    if isinstance(end, (GoAwayFrame, RstStreamFrame)):
+        assert end.error_code == ErrorCodes.PROTOCOL_ERROR
+    else:
+        assert f.status(sid) == 400, f"{where} {ch!r} was answered {f.status(sid)}"
+    fleet.quiet()
+    assert rec.bytes_received() == 0, rec.raw()[:300]
+
+
 async def test_cookie_crumbs_are_joined(edge, fleet):
     """Cookie crumbs (several `cookie` fields, RFC 9113 8.2.3) reach the HTTP/1.1 backend as one
     Cookie header joined by "; ", in order."""

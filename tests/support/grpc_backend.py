@@ -167,6 +167,8 @@ class GrpcBackend:
             record = self._record("Fail", context)
             spec = json.loads(request)
             record.handler_done = True
+            if spec.get("headers"):
+                context.send_initial_metadata(_metadata_out(spec["headers"]))
             if spec.get("trailers"):
                 context.set_trailing_metadata(_metadata_out(spec["trailers"]))
             context.abort(grpc.StatusCode[spec["code"]], spec["details"])
