@@ -125,19 +125,12 @@ class GrpcCall:
         sid = self.stream_id
         pending = self.pending
         try:
-            _, _, ended = h2.send_queued(sid, pending, self.pending_end is True)
+            if h2.send_queued(sid, pending, self.pending_end)[2]:
+                self.pending_end = False
             if pending:
                 self.stream.gate.pause(PEER_FULL)
-                return
-            self.stream.gate.resume(PEER_FULL)
-            end = self.pending_end
-            if end is not False:
-                self.pending_end = False
-                if not ended:
-                    if end is True:
-                        h2.end_stream(sid)
-                    else:
-                        h2.send_headers(sid, end, end_stream=True)
+            else:
+                self.stream.gate.resume(PEER_FULL)
         except ProtocolError:
             pending.clear()
 
@@ -259,21 +252,12 @@ def request_fields(method: bytes, target: bytes, head: bytes) -> Fields:
     """The HTTP/2 request fields of a call, from the HTTP/1.1 head admission built for it (so what
     a gRPC backend sees is filtered exactly as any backend's request): Host becomes :authority,
     connection-specific fields are dropped (RFC 9113 8.2.2), `te: trailers` is what gRPC asks."""
-    lines = head.split(b"\r\n")
-    fields: Fields = [(b":method", method), (b":scheme", b"http"), (b":path", target)]
     authority = b""
     rest: Fields = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        lname = name.lower()
-        value = value.strip()
-        if lname == b"host":
+    for name, value in fields_of_lines(line for line in head.split(b"\r\n")[1:] if line):
+        if name == b"host":
             authority = value
-        elif lname not in _NOT_RELAYED:
-            rest.append((lname, value))
-    fields.append((b":authority", authority))
-    fields += rest
-    fields.append((b"te", b"trailers"))
-    return fields
+        elif name not in _NOT_RELAYED:
+            rest.append((name, value))
+    return [(b":method", method), (b":scheme", b"http"), (b":path", target),
+            (b":authority", authority), *rest, (b"te", b"trailers")]

@@ -37,16 +37,18 @@ if TYPE_CHECKING:
 
 
 class H2Connection(h2.connection.H2Connection):
-    def send_queued(self, stream_id: int, queued: deque[bytes], end: bool,
-                    ) -> tuple[int, int, bool]:
+    def send_queued(self, stream_id: int, queued: deque[bytes],
+                    end: list[tuple[bytes, bytes]] | bool) -> tuple[int, int, bool]:
         """DATA frames for `queued` (consumed from the left) as far as the stream's and the
-        connection's windows allow; with `end`, the frame holding the last bytes carries
-        END_STREAM. Returns (frames, bytes, whether END_STREAM went out)."""
+        connection's windows allow, then, once it is empty, the end the stream was given: with
+        `end` True the frame holding the last bytes carries END_STREAM (an empty one if there
+        are none); a list is sent as trailers. Returns (DATA frames, bytes, whether the stream
+        was ended)."""
         frames = size = 0
         while queued:
             window = self.local_flow_control_window(stream_id)
             if window <= 0:
-                break
+                return frames, size, False
             data = queued[0]
             most = min(window, self.max_outbound_frame_size)
             if len(data) > most:
@@ -56,13 +58,19 @@ class H2Connection(h2.connection.H2Connection):
                 size += most
                 continue
             queued.popleft()
-            last = end and not queued
+            last = end is True and not queued
             self.send_data(stream_id, data, end_stream=last)
             frames += 1
             size += len(data)
             if last:
                 return frames, size, True
-        return frames, size, False
+        if end is False:
+            return frames, size, False
+        if end is True:
+            self.end_stream(stream_id)
+        else:
+            self.send_headers(stream_id, end, end_stream=True)
+        return frames, size, True
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
         if frame.error_code != ErrorCodes.NO_ERROR:

@@ -302,10 +302,10 @@ class H2Stream:
         sid = self.stream_id
         pending = self.pending
         try:
-            frames, size, ended = h2.send_queued(sid, pending, self.pending_end is True)
+            frames, size, ended = h2.send_queued(sid, pending, self.pending_end)
             if frames:
                 connection.sent_data(frames, size)
-            if ended:  # the last bytes carried END_STREAM
+            if ended:
                 self.pending_end = False
                 self.blocked_since = 0.0
                 self.finished()
@@ -317,15 +317,6 @@ class H2Stream:
                 self.set_writing_paused(True)
                 return
             self.blocked_since = 0.0
-            end = self.pending_end
-            if end is not False:
-                self.pending_end = False
-                if end is True:
-                    h2.end_stream(sid)
-                else:
-                    h2.send_headers(sid, end, end_stream=True)
-                self.finished()
-                return
         except ProtocolError:
             self.client_lost()
             return
