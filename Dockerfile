@@ -17,8 +17,12 @@
 FROM python:3.11.17-slim-bookworm AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# gcc builds the proxy's one C module (proxy/_h2session.c) against libnghttp2.so.14
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libnghttp2-14 \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY constraints.txt pyproject.toml README.md LICENSE ./
+COPY constraints.txt pyproject.toml setup.py README.md LICENSE ./
 COPY proxy/ proxy/
 # PIP_CONSTRAINT (unlike --constraint) also reaches pip's isolated build environment, so the
 # setuptools that builds the project's wheel is pinned as well.
@@ -31,6 +35,10 @@ ENV VIRTUAL_ENV=/opt/sandbox-proxy \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SANDBOX_PROXY_CONFIG=/etc/sandbox-proxy/proxy.toml
+# libnghttp2: HTTP/2 framing and HPACK for proxy/_h2session.c
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libnghttp2-14 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 sandbox-proxy \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin sandbox-proxy
@@ -42,7 +50,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/sandbox-proxy \
  && python -m pip --python /opt/sandbox-proxy/bin/python install --no-index --no-cache-dir \
         --disable-pip-version-check --find-links /wheels sandbox-proxy \
- && /opt/sandbox-proxy/bin/python -c "import uvloop, httptools" \
+ && /opt/sandbox-proxy/bin/python -c "import uvloop, httptools, proxy._h2session" \
  && sandbox-proxy --version \
  && sandbox-proxy --check
 

@@ -16,12 +16,10 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-
 from proxy import errors
 from proxy.exchange import RECEIVED, SENT, STREAMING, WAITING
 from proxy.flow import PEER_FULL, WAITING_UPSTREAM
+from proxy.h2_connection import ErrorCodes, send_queued
 from proxy.headers import HOP_BY_HOP, fields_of_lines, scan_response_headers, trailer_fields
 from proxy.pools import BackendRefused, ConnectFailed
 
@@ -83,19 +81,15 @@ class GrpcCall:
         if ctx.activity_seen is not None:
             ctx.activity_seen[ex.sandbox_id] = ctx.loop.time()
         self.backend = backend
-        h2 = backend.h2
-        self.stream_id = h2.get_next_available_stream_id()
-        backend.calls[self.stream_id] = self
-        backend.deadline = 0.0
-        try:
-            h2.send_headers(self.stream_id,
-                            request_fields(ex.method, ex.target, ex.upstream_head))
-        except ProtocolError as exc:
-            log.info("gRPC call to %s refused locally: %s", ex.sandbox_id, exc)
-            backend.call_done(self)
+        sid = backend.h2.request(request_fields(ex.method, ex.target, ex.upstream_head), False)
+        if sid <= 0:
+            log.info("gRPC call to %s refused locally (%d)", ex.sandbox_id, sid)
             self.backend = None
             ex.answer(errors.UpstreamClosed(ex.sandbox_id, ex.port))
             return
+        self.stream_id = sid
+        backend.calls[sid] = self
+        backend.deadline = 0.0
         if ex.request == RECEIVED and self.pending_end is False:  # it ended before the call
             self.request_ended(ex.trailers)
         self.pump()
@@ -121,20 +115,23 @@ class GrpcCall:
         backend = self.backend
         if backend is None or backend.closed:
             return
-        h2 = backend.h2
-        sid = self.stream_id
         pending = self.pending
-        try:
-            if h2.send_queued(sid, pending, self.pending_end)[2]:
-                self.pending_end = False
-            if pending:
-                self.stream.gate.pause(PEER_FULL)
-            else:
-                self.stream.gate.resume(PEER_FULL)
-        except ProtocolError:
-            pending.clear()
+        if send_queued(backend.h2, self.stream_id, pending, self.pending_end)[2]:
+            self.pending_end = False
+        if pending:
+            self.stream.gate.pause(PEER_FULL)
+        else:
+            self.stream.gate.resume(PEER_FULL)
 
     # -- backend -> client -------------------------------------------------------------------------
+    def headers_received(self, headers: Fields, ended: bool) -> None:
+        """A head from the backend: the response's (an interim one is dropped), or, after it,
+        the trailers."""
+        if self.head_sent:
+            self.response_trailers(headers)
+        elif not (headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1"):
+            self.response_head(headers, ended)
+
     def response_head(self, headers: Fields, ended: bool) -> None:
         ex = self.ex
         status = 200
@@ -182,10 +179,7 @@ class GrpcCall:
         n, self.unacked = self.unacked, 0
         backend = self.backend
         if n and backend is not None and not backend.closed:
-            try:
-                backend.h2.acknowledge_received_data(n, self.stream_id)
-            except ProtocolError:
-                pass
+            backend.h2.consume(self.stream_id, n)
             backend.flush()
 
     def set_paused(self, paused: bool) -> None:
@@ -241,10 +235,7 @@ class GrpcCall:
         self.ended = True
         if backend is not None and not backend.closed:
             backend.call_done(self)
-            try:
-                backend.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-            except ProtocolError:
-                pass
+            backend.h2.reset(self.stream_id, ErrorCodes.CANCEL)
             backend.flush()
 
 

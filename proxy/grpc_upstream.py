@@ -19,24 +19,21 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from h2.config import H2Configuration
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    InformationalResponseReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-
 from proxy.flow import WAITING_UPSTREAM
 from proxy.grpc_call import GrpcCall
-from proxy.h2_connection import H2Connection
+from proxy.h2_connection import (
+    CLOSED,
+    DATA,
+    END,
+    FATAL,
+    GOAWAY,
+    HEADERS,
+    RESET,
+    WINDOW,
+    ErrorCodes,
+    Session,
+    Setting,
+)
 
 if TYPE_CHECKING:
     from proxy.h2_exchange import H2Exchange
@@ -44,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sandbox_proxy.grpc")
 
-WINDOW = 1 << 20  # what the backend may send ahead, per call and (x16) per connection
+CALL_WINDOW = 1 << 20  # what the backend may send ahead, per call and (x16) per connection
 
 
 class GrpcBackend(asyncio.Protocol):
@@ -58,81 +55,73 @@ class GrpcBackend(asyncio.Protocol):
         self.goaway = False  # the backend said GOAWAY: no new calls here
         self.deadline = 0.0  # without calls, closed after [timeouts] upstream_idle
         self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
-        self.h2 = H2Connection(config=H2Configuration(
-            client_side=True, header_encoding=None, validate_outbound_headers=False,
-            normalize_outbound_headers=False, validate_inbound_headers=True))
-        self.h2.local_settings = Settings(client=True, initial_values={
-            SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-            SettingCodes.MAX_HEADER_LIST_SIZE: pool.pools.max_head_bytes,
-            SettingCodes.ENABLE_PUSH: 0,
-        })
+        self.h2 = Session(False, [
+            (Setting.INITIAL_WINDOW_SIZE, CALL_WINDOW),
+            (Setting.MAX_HEADER_LIST_SIZE, pool.pools.max_head_bytes),
+            (Setting.ENABLE_PUSH, 0),
+        ], 16 * CALL_WINDOW, pool.pools.max_head_bytes)
 
     @property
     def usable(self) -> bool:
         return (not self.closed and not self.goaway
-                and len(self.calls) < self.h2.remote_settings.max_concurrent_streams)
+                and len(self.calls) < self.h2.remote_max_streams())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.pool.members.add(self)
         self.pool.pools.register(self.pool)
         self.pool.pools.sweeper.watched.add(self)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(16 * WINDOW - 65535)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except ProtocolError as exc:
-            log.info("HTTP/2 protocol error from backend %s:%s of %s: %s", self.pool.host,
-                     self.pool.port, self.pool.sandbox_id, exc)
-            self.write_now()
-            self.abort()
-            return
-        for event in events:
-            kind = type(event)
-            call = self.calls.get(getattr(event, "stream_id", 0) or 0)
-            if kind is DataReceived:
+        h2 = self.h2
+        calls = self.calls
+        for event in h2.receive(data):
+            kind = event[0]
+            call = calls.get(event[1])
+            if kind == DATA:
                 if call is not None:
-                    call.response_data(event.data, event.flow_controlled_length)  # type: ignore[attr-defined]
+                    call.response_data(event[2], len(event[2]))
                 else:
-                    self.h2.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id)  # type: ignore[attr-defined]
-            elif kind is ResponseReceived:
+                    h2.consume(event[1], len(event[2]))
+            elif kind == HEADERS:
                 if call is not None:  # END_STREAM on the head: a trailers-only response
-                    call.response_head(event.headers or [],  # type: ignore[attr-defined]
-                                       event.stream_ended is not None)  # type: ignore[attr-defined]
-            elif kind is TrailersReceived:
-                if call is not None:
-                    call.response_trailers(event.headers or [])  # type: ignore[attr-defined]
-            elif kind is StreamEnded:
+                    call.headers_received(event[2], event[3])
+            elif kind == END:
                 if call is not None:
                     call.finish(None)
-            elif kind is StreamReset:
+            elif kind == RESET:
                 if call is not None:
                     call.backend_lost("the sandbox reset the call")
-            elif kind is WindowUpdated:
-                if event.stream_id:  # type: ignore[attr-defined]
+            elif kind == CLOSED:
+                if call is not None:  # reset by the library: a malformed response
+                    call.backend_lost("the sandbox sent an invalid response")
+            elif kind == WINDOW:
+                if event[1]:
                     if call is not None:
                         call.pump()
                 else:
-                    for each in list(self.calls.values()):
+                    for each in list(calls.values()):
                         each.pump()
-            elif kind is ConnectionTerminated:  # graceful or not: no new calls here
+            elif kind == GOAWAY:  # graceful or not: no new calls here
                 self.goaway = True
                 if self.pool.multiplexed is self:
                     self.pool.multiplexed = None
-                last = event.last_stream_id or 0  # type: ignore[attr-defined]
-                for stream_id, each in list(self.calls.items()):
+                last = event[1]
+                for stream_id, each in list(calls.items()):
                     if stream_id > last:  # never processed by the backend
                         each.backend_lost("the sandbox is going away")
-                if event.error_code != ErrorCodes.NO_ERROR:  # type: ignore[attr-defined]
+                if event[2] != ErrorCodes.NO_ERROR:
                     self.write_now()
                     self.abort()
                     return
-            elif kind is InformationalResponseReceived:
-                pass
+            elif kind == FATAL:
+                log.info("HTTP/2 protocol error from backend %s:%s of %s: %s", self.pool.host,
+                         self.pool.port, self.pool.sandbox_id, event[3])
+                h2.goaway(event[2])
+                self.write_now()
+                self.abort()
+                return
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -156,9 +145,21 @@ class GrpcBackend(asyncio.Protocol):
 
     def write_now(self) -> None:
         self.write_due = False
-        data = self.h2.data_to_send()
-        if data and not self.closed:
+        if self.closed:
+            return
+        h2 = self.h2
+        data = h2.send()
+        if data:
             self.transport.write(data)
+        later = h2.later()
+        if later is not None:
+            for event in later:  # streams the library closed while sending
+                call = self.calls.get(event[1])
+                if call is not None:  # reset by the library: a malformed response
+                    call.backend_lost("the sandbox sent an invalid response")
+        if not h2.want():  # a protocol error the library answered with GOAWAY, or all done
+            self.closed = True
+            self.transport.close()
 
     def call_done(self, call: GrpcCall) -> None:
         if self.calls.get(call.stream_id) is call:

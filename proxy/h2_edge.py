@@ -2,9 +2,9 @@
 
 A client connection starts as HTTP/1.1 (proxy/edge.py). When TLS negotiated `h2` by ALPN, or a
 plain connection opens with the HTTP/2 client preface (prior knowledge, h2c), the socket is
-handed to an `Http2Connection`. Framing, HPACK and the stream state machine are the `h2`
-library's (python-hyper); this module owns what lives as long as the socket: the library's
-connection object, the streams (proxy/h2_stream.py: each is one request, served by an exchange
+handed to an `Http2Connection`. Framing, HPACK and the stream state machine are libnghttp2's
+(proxy/h2_connection.py); this module owns what lives as long as the socket: the library's
+session, the streams (proxy/h2_stream.py: each is one request, served by an exchange
 exactly as an HTTP/1.1 request is), writing, the deadline, and the bounds that keep a hostile
 client cheap:
 
@@ -13,7 +13,7 @@ client cheap:
   reopens only as the sandbox takes the bytes, so request bodies never pile up in the proxy;
 - concurrent streams (`http2_max_streams`, SETTINGS_MAX_CONCURRENT_STREAMS); HEADERS plus
   CONTINUATION are bounded by the header list size (`max_header_bytes`, SETTINGS and the HPACK
-  decoder) and by the library's CONTINUATION backlog; the HPACK table stays at 4 KiB;
+  decoder) and by 64 CONTINUATION frames per block; the HPACK table stays at 4 KiB;
 - frames that make the proxy work without carrying a request (PING, SETTINGS, PRIORITY,
   RST_STREAM, empty DATA, WINDOW_UPDATEs beyond the DATA frames sent) are counted per second:
   past `http2_max_control_frames` (or past twice the stream limit in resets: rapid reset,
@@ -29,26 +29,25 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from h2.config import H2Configuration
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingReceived,
-    PriorityUpdated,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    UnknownFrameReceived,
-    WindowUpdated,
+from proxy.h2_connection import (
+    CLOSED,
+    DATA,
+    EMPTY,
+    END,
+    FATAL,
+    GOAWAY,
+    HEADERS,
+    LATE,
+    PING,
+    PRIORITY,
+    RESET,
+    SETTINGS,
+    UNKNOWN,
+    WINDOW,
+    ErrorCodes,
+    Session,
+    Setting,
 )
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
-
-from proxy.h2_connection import H2Connection
 from proxy.h2_stream import H2Stream
 
 if TYPE_CHECKING:
@@ -62,21 +61,12 @@ WRITE_BURST = 256 * 1024        # DATA bytes produced in one loop turn before th
 GOAWAY_LINGER = 2.0             # seconds after GOAWAY before the socket closes
 
 
-def _configuration() -> H2Configuration:
-    # Inbound headers are validated by the library (RFC 9113 8.2: pseudo-headers, upper-case
-    # names, connection-specific fields, Host vs :authority); outbound ones are built by the
-    # proxy from fields it has already filtered.
-    return H2Configuration(client_side=False, header_encoding=None,
-                           validate_inbound_headers=True, normalize_inbound_headers=True,
-                           validate_outbound_headers=False, normalize_outbound_headers=False,
-                           split_outbound_cookies=False)
-
-
 class Http2Connection(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "h2", "client_ip", "trusted", "host_cache", "streams",
         "writing_paused", "closing", "closed", "deadline", "window_start", "control_frames",
         "resets", "data_frames", "goaway_sent", "last_stream", "write_due", "unwritten",
+        "highest", "max_streams",
     )
 
     def __init__(self, ctx: EdgeContext, client_ip: bytes, trusted: bool):
@@ -100,18 +90,18 @@ class Http2Connection(asyncio.Protocol):
         self.last_stream: int | None = None  # a graceful GOAWAY announced this last stream
         self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
         self.unwritten = 0  # DATA bytes produced since the last write
+        self.highest = 0  # the highest stream a request came on (ids only grow)
         limits = ctx.config.limits
-        h2 = self.h2 = H2Connection(config=_configuration())
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.http2_max_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.http2_stream_window,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
-            SettingCodes.HEADER_TABLE_SIZE: 4096,
-            SettingCodes.ENABLE_PUSH: 0,
-            SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket over a stream
-        })
-        h2.decoder.max_header_list_size = limits.max_header_bytes
-        h2.decoder.max_allowed_table_size = 4096
+        self.max_streams = limits.http2_max_streams
+        # the library is told a higher stream limit than the client is (see h2_connection.py):
+        # the surplus is refused here, one stream at a time
+        self.h2 = Session(True, [
+            (Setting.MAX_CONCURRENT_STREAMS, max(2 * self.max_streams, self.max_streams + 100)),
+            (Setting.INITIAL_WINDOW_SIZE, limits.http2_stream_window),
+            (Setting.MAX_HEADER_LIST_SIZE, limits.max_header_bytes),
+            (Setting.HEADER_TABLE_SIZE, 4096),
+            (Setting.ENABLE_CONNECT_PROTOCOL, 1),  # RFC 8441: WebSocket over a stream
+        ], limits.http2_connection_window, limits.max_header_bytes, self.max_streams)
 
     # -- asyncio.Protocol ----------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,11 +110,6 @@ class Http2Connection(asyncio.Protocol):
         ctx.sweeper.watched.add(self)
         ctx.connections.add(self)
         ctx.stats.h2_connections += 1
-        h2 = self.h2
-        h2.initiate_connection()
-        extra = ctx.config.limits.http2_connection_window - 65535
-        if extra > 0:
-            h2.increment_flow_control_window(extra)
         self.deadline = self.loop.time() + ctx.client_header_timeout  # the preface, at least
         if ctx.max_connections and len(ctx.connections) > ctx.max_connections:
             self.go_away(ErrorCodes.REFUSED_STREAM, b"too many connections")
@@ -134,60 +119,66 @@ class Http2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        try:
-            events = self.h2.receive_data(data)
-        except ProtocolError as exc:
-            log.info("HTTP/2 protocol error from %s: %s", self.client_ip.decode(), exc)
-            self.ctx.stats.h2_goaway("protocol_error")
-            self.goaway_sent = True
-            self.close_soon()
-            return
-        h2 = self.h2
-        while h2.refused:  # streams refused beyond the limit: work asked for, like a PING
-            h2.refused -= 1
-            self.count_control()
-        for event in events:
-            kind = type(event)
-            if kind is DataReceived:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+        streams = self.streams
+        for event in self.h2.receive(data):
+            kind = event[0]
+            if kind == DATA:
+                stream = streams.get(event[1])
                 if stream is not None:
-                    stream.data_received(event.data,  # type: ignore[attr-defined]
-                                         event.flow_controlled_length)  # type: ignore[attr-defined]
+                    stream.data_received(event[2], len(event[2]))
                 else:  # for a stream already answered: give the window back
-                    self.give_back(event.flow_controlled_length,  # type: ignore[attr-defined]
-                                   event.stream_id)  # type: ignore[attr-defined]
-                if not event.data and not event.stream_ended:  # type: ignore[attr-defined]
-                    self.count_control()
-            elif kind is RequestReceived:
-                self.request_received(event)  # type: ignore[arg-type]
-            elif kind is StreamEnded:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    self.give_back(len(event[2]), event[1])
+            elif kind == HEADERS:
+                stream = streams.get(event[1])
+                if stream is not None:
+                    stream.trailers_received(event[2])
+                else:
+                    self.request_received(event[1], event[2], event[3])
+            elif kind == END:
+                stream = streams.get(event[1])
                 if stream is not None:
                     stream.request_ended()
-            elif kind is WindowUpdated:
-                self.window_updated(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is StreamReset:
-                self.stream_reset(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is TrailersReceived:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream.trailers_received(event.headers)  # type: ignore[attr-defined]
-            elif kind is RemoteSettingsChanged:
+            elif kind == WINDOW:
+                self.window_updated(event[1])
+            elif kind == RESET:
+                self.stream_reset(event[1])
+            elif kind == SETTINGS:
                 self.count_control()
+                self.unwritten += 9  # its acknowledgement
                 self.windows_opened(0)  # a new initial window may unblock streams
-            elif kind is ConnectionTerminated:
-                if event.error_code == ErrorCodes.NO_ERROR and self.streams:  # type: ignore[attr-defined]
+            elif kind == GOAWAY:
+                if event[2] == ErrorCodes.NO_ERROR and streams:
                     # graceful: the streams under way are answered, then the socket closes
-                    self.last_stream = self.h2.highest_inbound_stream_id
+                    self.last_stream = self.h2.last_stream_id()
                 else:
                     self.goaway_sent = True
                     self.close_soon()
                     return
-            elif kind in (PingReceived, PriorityUpdated, UnknownFrameReceived):
+            elif kind == FATAL:
+                log.info("HTTP/2 protocol error from %s: %s", self.client_ip.decode(), event[3])
+                self.ctx.stats.h2_goaway("protocol_error")
+                self.go_away(ErrorCodes(event[2]))
+                return
+            elif kind == CLOSED:
+                if event[1] in streams:
+                    self.stream_reset(event[1])  # reset by the library: malformed
+            elif kind == LATE:
+                # opened after our GOAWAY: unprocessed, the client retries it (RFC 9113 8.7)
+                self.h2.reset(event[1], ErrorCodes.REFUSED_STREAM)
+            elif kind == PING:
+                self.count_control()
+                self.unwritten += 17  # its acknowledgement
+            elif kind in (PRIORITY, UNKNOWN, EMPTY):
                 self.count_control()
             if self.closing:
                 return
-        self.flush()
+        if self.unwritten >= WRITE_BURST:
+            # libuv reads a client up to 32 times in one loop turn: what those reads asked for
+            # (acknowledgements) is written now, so a client that does not read them is seen
+            # (pause_writing, OUTPUT_LIMIT) before megabytes pile up for one write
+            self.write_now()
+        else:
+            self.flush()
 
     def eof_received(self) -> bool | None:
         return False
@@ -214,16 +205,26 @@ class Http2Connection(asyncio.Protocol):
             stream.resume_backend()
 
     # -- events ----------
-    def request_received(self, event: RequestReceived) -> None:
-        if self.last_stream is not None and event.stream_id > self.last_stream:
+    def request_received(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                         ended: bool) -> None:
+        if stream_id <= self.highest:
+            return  # trailers of a stream already answered and done
+        self.highest = stream_id
+        if self.last_stream is not None and stream_id > self.last_stream:
             # opened after our GOAWAY: unprocessed, the client retries it (RFC 9113 8.7)
-            self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            self.h2.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = H2Stream(self, event.stream_id)
+        if len(self.streams) >= self.max_streams:
+            # beyond SETTINGS_MAX_CONCURRENT_STREAMS: refused alone (RFC 9113 5.1.2), and
+            # counted like a PING: work asked for without a request served
+            self.h2.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.count_control()
+            return
+        stream = H2Stream(self, stream_id)
         if not self.streams and not self.stalled_streams():
             self.deadline = 0.0  # no longer idle
-        self.streams[event.stream_id] = stream
-        stream.request_received(event.headers or [], event.stream_ended is not None)
+        self.streams[stream_id] = stream
+        stream.request_received(headers, ended)
 
     def stream_reset(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -283,11 +284,26 @@ class Http2Connection(asyncio.Protocol):
     def write_now(self) -> None:
         self.write_due = False
         self.unwritten = 0
-        data = self.h2.data_to_send()
+        h2 = self.h2
+        data = h2.send()
         if data and not self.closed:
             self.transport.write(data)
             if self.writing_paused and self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
                 self.not_reading()
+        later = h2.later()
+        if later is not None:
+            for event in later:  # streams the library closed while sending
+                if event[1] in self.streams:
+                    self.stream_reset(event[1])  # reset by the library: malformed
+        if not self.goaway_sent and not h2.want():
+            # the library ended the connection itself: a protocol error (its GOAWAY is out),
+            # or every stream done after a GOAWAY either way
+            self.goaway_sent = True
+            if h2.goaway_sent > 0:
+                log.info("HTTP/2 protocol error from %s (GOAWAY %s)", self.client_ip.decode(),
+                         ErrorCodes(h2.goaway_sent).name)
+                self.ctx.stats.h2_goaway("protocol_error")
+            self.close_soon()
 
     def not_reading(self) -> None:
         """Frames the client asked for (PING and SETTINGS acknowledgements) pile up unread."""
@@ -311,10 +327,7 @@ class Http2Connection(asyncio.Protocol):
                     self.idle()
 
     def give_back(self, size: int, stream_id: int) -> None:
-        try:
-            self.h2.acknowledge_received_data(size, stream_id)
-        except ProtocolError:
-            pass  # the connection is closing
+        self.h2.consume(stream_id, size)
 
     def sent_data(self, frames: int, size: int) -> None:
         """A stream queued `frames` DATA frames holding `size` bytes."""
@@ -332,10 +345,12 @@ class Http2Connection(asyncio.Protocol):
         closes once the GOAWAY is written."""
         if not self.goaway_sent:
             self.goaway_sent = True
-            self.h2.close_connection(error_code=code, additional_data=reason)
+            self.h2.goaway(code, -1, reason)
         self.close_soon()
 
     def close_soon(self) -> None:
+        if self.closing:
+            return
         self.write_now()
         self.closing = True
         streams, self.streams = self.streams, {}
@@ -356,17 +371,12 @@ class Http2Connection(asyncio.Protocol):
 
     def announce_goaway(self) -> None:
         """A graceful GOAWAY (NO_ERROR, the last stream this connection will serve), while the
-        streams under way go on. The frame is written here because the h2 library's own
-        close_connection() ends the connection's state machine: nothing could be sent after."""
+        streams under way go on."""
         if self.last_stream is not None or self.goaway_sent:
             return
-        self.last_stream = self.h2.highest_inbound_stream_id
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.last_stream
-        frame.error_code = ErrorCodes.NO_ERROR
+        self.last_stream = self.h2.last_stream_id()
+        self.h2.goaway(ErrorCodes.NO_ERROR, self.last_stream)
         self.write_now()
-        if not self.closed:
-            self.transport.write(frame.serialize())
 
     def on_deadline(self) -> None:
         """Linger after GOAWAY over; idle (no stream) for `client_idle` (or no request within

@@ -28,13 +28,11 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-
 from proxy import errors
 from proxy.admission import route_request
 from proxy.exchange import BODY, RECEIVED, TUNNEL, Exchange
 from proxy.flow import PEER_FULL
+from proxy.h2_connection import ErrorCodes, send_queued
 from proxy.h2_exchange import H2Exchange
 from proxy.headers import request_line_valid
 from proxy.tunnel import Tunnel
@@ -138,7 +136,7 @@ class H2Stream:
         method = target = authority = protocol = None
         fields: Fields = []
         cookies: list[bytes] = []
-        content_length = grpc = False
+        content_length = grpc = host_differs = False
         size = 0
         for name, value in headers:
             size += len(name) + len(value) + 32
@@ -156,9 +154,10 @@ class H2Stream:
                 cookies.append(value)
                 continue
             if name == b"host":
-                if authority is not None:
-                    continue  # :authority wins (RFC 9113 8.3.1); the library checked they agree
-                authority = value
+                if authority is None:
+                    authority = value
+                elif value.lower() != authority.lower():
+                    host_differs = True  # RFC 9113 8.3.1: malformed
                 continue
             if name == b"content-length":
                 content_length = True
@@ -195,6 +194,9 @@ class H2Stream:
         if (ex.error is None and ex.method != b"CONNECT"  # CONNECT: refused by route_request
                 and not request_line_valid(ex.method, ex.target)):
             ex.error = errors.BadRequest("Malformed :method or :path")
+        if host_differs and ex.error is None:
+            # one request naming two sandboxes: routed by neither
+            ex.error = errors.BadRequest("Host differs from :authority")
         if ex.error is None:
             try:
                 if size > self.ctx.max_header_bytes or len(fields) > self.ctx.max_header_count:
@@ -223,10 +225,7 @@ class H2Stream:
         """Give the client back the window of the bytes the backend has taken."""
         n, self.unacked = self.unacked, 0
         if n and not self.closed:
-            try:
-                self.connection.h2.acknowledge_received_data(n, self.stream_id)
-            except ProtocolError:
-                pass
+            self.connection.h2.consume(self.stream_id, n)
             self.connection.flush()
 
     def request_ended(self) -> None:
@@ -271,11 +270,8 @@ class H2Stream:
             return
         if status >= 200:
             self.answered = True
-        try:
-            self.connection.h2.send_headers(
-                self.stream_id, [(b":status", b"%d" % status), *fields], end_stream=end)
-        except ProtocolError:
-            self.client_lost()
+        if not self.connection.h2.respond(self.stream_id, status, fields, end):
+            self.client_lost()  # the stream is gone
             return
         if end:
             self.finished()
@@ -298,28 +294,23 @@ class H2Stream:
     def pump(self) -> None:
         """Send what the client's windows admit; pause the backend for the rest."""
         connection = self.connection
-        h2 = connection.h2
-        sid = self.stream_id
         pending = self.pending
-        try:
-            frames, size, ended = h2.send_queued(sid, pending, self.pending_end)
-            if frames:
-                connection.sent_data(frames, size)
-            if ended:
-                self.pending_end = False
-                self.blocked_since = 0.0
-                self.finished()
-                return
-            if pending:
-                if not self.blocked_since:
-                    self.blocked_since = self.loop.time()
-                    connection.stream_blocked()
-                self.set_writing_paused(True)
-                return
+        frames, size, ended = send_queued(connection.h2, self.stream_id, pending,
+                                          self.pending_end)
+        if frames:
+            connection.sent_data(frames, size)
+        if ended:
+            self.pending_end = False
             self.blocked_since = 0.0
-        except ProtocolError:
-            self.client_lost()
+            self.finished()
             return
+        if pending:
+            if not self.blocked_since:
+                self.blocked_since = self.loop.time()
+                connection.stream_blocked()
+            self.set_writing_paused(True)
+            return
+        self.blocked_since = 0.0
         self.set_writing_paused(connection.writing_paused)
 
     def window_opened(self) -> None:
@@ -355,10 +346,7 @@ class H2Stream:
     def reset(self, code: ErrorCodes) -> None:
         if self.closed:
             return
-        try:
-            self.connection.h2.reset_stream(self.stream_id, code)
-        except ProtocolError:
-            pass
+        self.connection.h2.reset(self.stream_id, code)
         self.connection.flush()
         self.client_lost()
         self.connection.stream_done(self)
@@ -378,12 +366,9 @@ class H2Stream:
         if self.closed:
             return
         self.closed = True
-        if not self.ended:
-            try:
-                self.connection.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
-            except ProtocolError:
-                pass
-            self.ended = True
+        # a request still being sent is stopped with RST_STREAM NO_ERROR once END_STREAM is
+        # out (proxy/_h2session.c)
+        self.ended = True
         ex = self.exchange
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:

@@ -549,6 +549,31 @@ async def test_connection_specific_request_fields_are_refused(edge, fleet, name,
     assert rec.bytes_received() == 0, rec.raw()[:300]
 
 
+@pytest.mark.parametrize("host", ["3000-rec1.localhost", "other.example", "3000-REC0.localhost"])
+async def test_host_differing_from_authority_is_refused(edge, fleet, host):
+    """A request whose Host names another entity than its :authority is malformed (RFC 9113
+    8.3.1): 400, and it reaches neither sandbox (one request naming two sandboxes must not be
+    routed by one and read by the other). Case alone does not make them differ."""
+    fleet.reset()
+    f = await FrameConn.open(edge.port)
+    try:
+        sid = f.new_stream()
+        f.send(f.headers(sid, request_fields(edge.authority("rec0"), "/m/twohost1x/",
+                                             extra=[("host", host)])))
+        await f.until(lambda fr: f.status(sid) is not None
+                      or isinstance(fr, (GoAwayFrame, RstStreamFrame)))
+    finally:
+        await f.aclose()
+    fleet.quiet()
+    if host.lower() == edge.authority("rec0").lower():
+        assert f.status(sid) == 200
+        assert [r.marker for r in edge.recs[0].requests()] == ["twohost1x"]
+        return
+    assert f.status(sid) == 400, (f.status(sid), f.resets(), f.goaways())
+    for rec in edge.recs:
+        assert rec.bytes_received() == 0, rec.raw()[:300]
+
+
 # Every byte that could re-split the HTTP/1.1 head the backend parses, in every place an HTTP/2
 # request carries text that ends up in that head: field values and names (CR, LF, NUL) and the
 # request line (:method, :path: controls, space, tab, DEL).

@@ -394,6 +394,49 @@ async def test_streams_beyond_the_limit_are_refused_alone(edge):
     await assert_healthy(edge, probe, base)
 
 
+# Requests only the protocol library can find malformed, after the proxy admitted their head and
+# started their exchange: each must end that exchange (and release its backend connection) at
+# once, not when the client's connection closes.
+LATE_MALFORMED = {
+    # Content-Length against the DATA that follows (RFC 9113 8.1.1)
+    "body_longer_than_content_length": ([("content-length", "5")], [b"0123456789"], None),
+    "body_shorter_than_content_length": ([("content-length", "10")], [b"01234"], None),
+    # trailers may not hold pseudo-headers or upper-case names (RFC 9113 8.1, 8.2.1)
+    "pseudo_header_in_trailers": ([], [b"01234"], [(":path", "/x")]),
+    "upper_case_trailer_name": ([], [b"01234"], [("X-Upper", "1")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_MALFORMED))
+async def test_requests_malformed_after_their_head_end_alone(edge, case):
+    """A request the library finds malformed only after its head was admitted (its body against
+    its Content-Length, its trailers) gets RST_STREAM PROTOCOL_ERROR; its exchange ends then,
+    while the client's connection is still open (requests_in_flight back to the baseline), and
+    the connection's other streams go on."""
+    extra, chunks, trailers = LATE_MALFORMED[case]
+    probe, base = await baseline_of(edge)
+    async with frames(edge.port) as f:
+        sid = f.new_stream()
+        f.send(f.headers(sid, request_fields(DEMO, "/upload", "POST", extra=extra),
+                         end_stream=False))
+        for i, chunk in enumerate(chunks):
+            f.send(f.data(sid, chunk, end_stream=trailers is None and i == len(chunks) - 1))
+        if trailers is not None:
+            f.send(f.headers(sid, [(n.encode(), v.encode()) for n, v in trailers]))
+        await f.until(lambda fr: sid in f.resets() or isinstance(fr, GoAwayFrame))
+        assert f.resets().get(sid) == ErrorCodes.PROTOCOL_ERROR, (f.resets(), f.goaways())
+
+        async def exchange_ended() -> bool:
+            gauges = await probe.gauges()
+            return gauges.get("requests_in_flight", 0) <= base.gauges.get("requests_in_flight", 0)
+        await wait_until(exchange_ended, timeout=5)
+        after = f.new_stream()
+        f.send(f.headers(after, request_fields(DEMO, "/echo?after-malformed")))
+        await f.until(lambda fr: f.status(after) is not None or isinstance(fr, GoAwayFrame))
+        assert f.status(after) == 200 and not f.goaways()
+    await assert_healthy(edge, probe, base)
+
+
 async def test_response_never_given_a_window_is_reset_after_client_send(edge):
     """A client that never opens its window (SETTINGS_INITIAL_WINDOW_SIZE = 0) gets the head of
     its response and then, after [timeouts] client_send, RST_STREAM CANCEL; the connection and
