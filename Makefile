@@ -48,12 +48,13 @@ constraints:
 	mv constraints.txt.new constraints.txt
 	rm -rf build/constraints-venv
 
-# The differential invariant suite (tests/e2e/test_invariants.py) with many more generated
-# examples than `make test` runs; FUZZ_EXAMPLES=N to change how many.
+# The differential invariant suite (tests/e2e/test_invariants.py) and the HTTP/2 frame fuzzer
+# (tests/e2e/test_http2_fuzz.py) with many more generated examples than `make test` runs;
+# FUZZ_EXAMPLES=N to change how many.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
 	SANDBOX_PROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/e2e/test_invariants.py \
-	  -s $(PYTEST_ARGS)
+	  tests/e2e/test_http2_fuzz.py -s $(PYTEST_ARGS)
 
 # `make bench` (~15-20 min) writes benchmarks/results/; `make bench-quick` (~1 min) is the
 # before/after check for hot-path changes. Extra flags: make bench BENCH_ARGS="--only ours,nginx"
