@@ -21,8 +21,10 @@
  * higher limit, the SETTINGS frame it writes is patched to announce the advertised one, and the
  * caller refuses the surplus streams itself (RST_STREAM REFUSED_STREAM).
  *
- * The library is the system's libnghttp2.so.14 (any 1.52 or later); the few declarations of its
- * stable C interface this module needs are below, so no development package is required.
+ * The library is the system's libnghttp2.so.14: 1.61 or later, or Debian 12's 1.52 with its
+ * security backports (the CONTINUATION and reset-rate bounds); an older one fails at import. The
+ * declarations of its stable C interface this module uses are in _nghttp2_abi.h, so no
+ * development package is needed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,143 +34,7 @@
 #include <string.h>
 #include <sys/types.h>
 
-/* ---- the part of libnghttp2's interface (soname 14) used here -------------------------- */
-
-typedef struct nghttp2_session nghttp2_session;
-typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
-typedef struct nghttp2_option nghttp2_option;
-
-typedef struct {
-    uint8_t *name;
-    uint8_t *value;
-    size_t namelen;
-    size_t valuelen;
-    uint8_t flags;
-} nghttp2_nv;
-
-typedef struct {
-    size_t length;
-    int32_t stream_id;
-    uint8_t type;
-    uint8_t flags;
-    uint8_t reserved;
-} nghttp2_frame_hd;
-
-typedef struct {
-    nghttp2_frame_hd hd;
-    uint32_t error_code;
-} nghttp2_rst_stream;
-
-typedef struct {
-    nghttp2_frame_hd hd;
-    int32_t last_stream_id;
-    uint32_t error_code;
-    uint8_t *opaque_data;
-    size_t opaque_data_len;
-    uint8_t reserved;
-} nghttp2_goaway;
-
-/* only ever read through pointers the library passes: its own union is larger */
-typedef union {
-    nghttp2_frame_hd hd;
-    nghttp2_rst_stream rst_stream;
-    nghttp2_goaway goaway;
-} nghttp2_frame;
-
-typedef union {
-    int fd;
-    void *ptr;
-} nghttp2_data_source;
-
-typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *,
-                                                     size_t, uint32_t *,
-                                                     nghttp2_data_source *, void *);
-typedef struct {
-    nghttp2_data_source source;
-    nghttp2_data_source_read_callback read_callback;
-} nghttp2_data_provider;
-
-typedef struct {
-    int32_t settings_id;
-    uint32_t value;
-} nghttp2_settings_entry;
-
-typedef int (*on_frame_cb)(nghttp2_session *, const nghttp2_frame *, void *);
-typedef int (*on_data_chunk_cb)(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t,
-                                void *);
-typedef int (*on_stream_close_cb)(nghttp2_session *, int32_t, uint32_t, void *);
-typedef int (*on_header_cb)(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
-                            const uint8_t *, size_t, uint8_t, void *);
-typedef int (*on_begin_frame_cb)(nghttp2_session *, const nghttp2_frame_hd *, void *);
-typedef int (*unpack_extension_cb)(nghttp2_session *, void **, const nghttp2_frame_hd *, void *);
-
-int nghttp2_session_callbacks_new(nghttp2_session_callbacks **);
-void nghttp2_session_callbacks_del(nghttp2_session_callbacks *);
-void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *, on_frame_cb);
-void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, on_frame_cb);
-void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *,
-                                                             on_frame_cb);
-void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *,
-                                                               on_data_chunk_cb);
-void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *,
-                                                            on_stream_close_cb);
-void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, on_header_cb);
-void nghttp2_session_callbacks_set_on_invalid_header_callback(nghttp2_session_callbacks *,
-                                                              on_header_cb);
-void nghttp2_session_callbacks_set_on_begin_frame_callback(nghttp2_session_callbacks *,
-                                                           on_begin_frame_cb);
-void nghttp2_session_callbacks_set_unpack_extension_callback(nghttp2_session_callbacks *,
-                                                             unpack_extension_cb);
-int nghttp2_option_new(nghttp2_option **);
-void nghttp2_option_del(nghttp2_option *);
-void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
-void nghttp2_option_set_max_continuations(nghttp2_option *, size_t);
-void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t);
-void nghttp2_option_set_user_recv_extension_type(nghttp2_option *, uint8_t);
-void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t);
-void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t);
-int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
-                                const nghttp2_option *);
-int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
-                                const nghttp2_option *);
-void nghttp2_session_del(nghttp2_session *);
-ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
-ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
-int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
-int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
-                            const nghttp2_data_provider *);
-int32_t nghttp2_submit_request(nghttp2_session *, const void *, const nghttp2_nv *, size_t,
-                               const nghttp2_data_provider *, void *);
-int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t, const void *,
-                               const nghttp2_nv *, size_t, void *);
-int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
-int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
-int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *, size_t);
-int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
-int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
-int nghttp2_session_resume_data(nghttp2_session *, int32_t);
-int nghttp2_session_set_stream_user_data(nghttp2_session *, int32_t, void *);
-void *nghttp2_session_get_stream_user_data(nghttp2_session *, int32_t);
-int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
-int32_t nghttp2_session_get_remote_window_size(nghttp2_session *);
-uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
-int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
-int nghttp2_session_get_stream_remote_close(nghttp2_session *, int32_t);
-int nghttp2_session_check_server_session(nghttp2_session *);
-int nghttp2_session_want_read(nghttp2_session *);
-int nghttp2_session_want_write(nghttp2_session *);
-const char *nghttp2_strerror(int);
-
-enum {
-    NG_DATA = 0, NG_HEADERS = 1, NG_PRIORITY = 2, NG_RST_STREAM = 3, NG_SETTINGS = 4,
-    NG_PING = 6, NG_GOAWAY = 7, NG_WINDOW_UPDATE = 8, NG_CONTINUATION = 9,
-    NG_FLAG_END_STREAM = 0x01, NG_FLAG_ACK = 0x01,
-    NG_DATA_FLAG_EOF = 0x01, NG_DATA_FLAG_NO_END_STREAM = 0x02,
-    NG_ERR_DEFERRED = -508, NG_ERR_TEMPORAL_CALLBACK_FAILURE = -521, NG_ERR_CANCEL = -535,
-    NG_ERR_CALLBACK_FAILURE = -902, NG_ERR_FLOODED = -904,
-    NG_SETTINGS_MAX_CONCURRENT_STREAMS = 0x03, NG_SETTINGS_INITIAL_WINDOW_SIZE = 0x04,
-    NO_ERROR = 0x0, PROTOCOL_ERROR = 0x1, INTERNAL_ERROR = 0x2, ENHANCE_YOUR_CALM = 0xb,
-};
+#include "_nghttp2_abi.h"
 
 /* ---- events, as tuples: (kind, stream id, ...) ----------------------------------------- */
 enum {
@@ -221,6 +87,7 @@ typedef struct {
     int settings_patched;
     int calm;           /* a header list past the bound: stop decoding */
     int32_t graceful_last;  /* the last stream a graceful GOAWAY of ours let in, or -1 */
+    int32_t late_last;      /* the highest stream reported late (each is reported once) */
     int64_t goaway_sent;  /* error code of a GOAWAY the library sent, -1 none */
 } Session;
 
@@ -343,10 +210,21 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
     return push(ud, Py_BuildValue("(iiy#)", EV_DATA, sid, data, (Py_ssize_t)len));
 }
 
+/* A response complete while its request is still being sent (a gRPC server ending a call early)
+ * ends the call: the stream is closed with RST_STREAM NO_ERROR, or it would stay half-open in the
+ * library, counted against the sandbox's stream limit for the connection's whole life. */
+static void end_answered_request(nghttp2_session *s, const nghttp2_frame_hd *hd) {
+    if ((hd->flags & NG_FLAG_END_STREAM) && !nghttp2_session_check_server_session(s)
+        && nghttp2_session_get_stream_local_close(s, hd->stream_id) == 0)
+        nghttp2_submit_rst_stream(s, 0, hd->stream_id, NO_ERROR);
+}
+
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
     Session *self = ud;
     const nghttp2_frame_hd *hd = &frame->hd;
     int rv;
+    if (hd->type == NG_DATA || hd->type == NG_HEADERS)
+        end_answered_request(s, hd);
     switch (hd->type) {
     case NG_DATA:
         if (hd->flags & NG_FLAG_END_STREAM)
@@ -394,9 +272,11 @@ static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *
     if (hd->type > NG_CONTINUATION)  /* registered below only to be seen and counted */
         return push(self, Py_BuildValue("(ii)", EV_UNKNOWN, 0));
     if (hd->type == NG_HEADERS && self->graceful_last >= 0 && hd->stream_id > self->graceful_last
-        && nghttp2_session_get_stream_user_data(s, hd->stream_id) == NULL
-        && hd->stream_id > nghttp2_session_get_last_proc_stream_id(s))
+        && hd->stream_id > self->late_last
+        && hd->stream_id > nghttp2_session_get_last_proc_stream_id(s)) {
+        self->late_last = hd->stream_id;
         return push(self, Py_BuildValue("(ii)", EV_LATE, hd->stream_id));
+    }
     return 0;
 }
 
@@ -426,9 +306,14 @@ static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *u
 
 static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud) {
     Out *o = nghttp2_session_get_stream_user_data(s, sid);
-    if (o != NULL)
+    if (o != NULL) {
+        nghttp2_session_set_stream_user_data(s, sid, NULL);
         out_free(ud, o);
-    return push(ud, Py_BuildValue("(iik)", EV_CLOSED, sid, (unsigned long)code));
+    }
+    /* the stream is gone whatever happens to the event: a failure to report it (no memory) is
+     * the exception receive() or send() raises, never a stream half-closed in the library */
+    push(ud, Py_BuildValue("(iik)", EV_CLOSED, sid, (unsigned long)code));
+    return 0;
 }
 
 static ssize_t read_out(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t length,
@@ -492,6 +377,7 @@ static int Session_init(Session *self, PyObject *args, PyObject *kw) {
     self->settings_patched = advertised == 0;
     self->goaway_sent = -1;
     self->graceful_last = -1;
+    self->late_last = 0;
 
     PyObject *seq = PySequence_Fast(settings, "settings must be a sequence of (id, value)");
     if (seq == NULL)
@@ -674,7 +560,13 @@ static PyObject *Session_send(Session *self, PyObject *unused) {
         return NULL;
     if (!self->settings_patched && self->olen)
         patch_settings(self);
-    return PyBytes_FromStringAndSize(self->obuf, (Py_ssize_t)self->olen);
+    PyObject *out = PyBytes_FromStringAndSize(self->obuf, (Py_ssize_t)self->olen);
+    if (self->ocap > (1u << 18)) {  /* a burst's buffer is not kept for the connection's life */
+        free(self->obuf);
+        self->obuf = NULL;
+        self->ocap = 0;
+    }
+    return out;
 }
 
 static nghttp2_data_provider provider_of(Out *o) {
@@ -705,6 +597,8 @@ static PyObject *Session_respond(Session *self, PyObject *args) {
         rv = rv < 0 ? rv : 0;
     } else if (end) {
         rv = nghttp2_submit_response(self->session, sid, nva, count, NULL);
+    } else if (nghttp2_session_get_stream_user_data(self->session, sid) != NULL) {
+        rv = -1;  /* a final response was already given */
     } else {
         Out *o = out_new(self, sid);
         if (o == NULL) {
@@ -823,6 +717,17 @@ static PyObject *Session_end(Session *self, PyObject *args) {
     PyObject *trailers = Py_None;
     if (!PyArg_ParseTuple(args, "i|O", &sid, &trailers))
         return NULL;
+    if (trailers != Py_None) {  /* checked now, so that nothing can fail while sending */
+        size_t count;
+        if (!PyList_CheckExact(trailers)) {
+            PyErr_SetString(PyExc_TypeError, "trailers must be a list of (bytes, bytes)");
+            return NULL;
+        }
+        nghttp2_nv *nva = nv_of(trailers, NULL, &count);
+        if (nva == NULL)
+            return NULL;
+        free(nva);
+    }
     Out *o = out_of(self, sid);
     if (o == NULL || o->ended)
         Py_RETURN_FALSE;
@@ -949,7 +854,13 @@ static PyMethodDef Session_methods[] = {
     {NULL},
 };
 
+static PyObject *Session_queued(Session *self, void *unused) {
+    return PyLong_FromSize_t(self->queued);
+}
+
 static PyGetSetDef Session_getset[] = {
+    {"queued", (getter)Session_queued, NULL,
+     "bytes handed over for every stream and not yet framed", NULL},
     {"goaway_sent", (getter)Session_goaway_sent, NULL,
      "error code of a GOAWAY the library sent on its own (a protocol error), or -1", NULL},
     {NULL},

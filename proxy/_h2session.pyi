@@ -6,6 +6,7 @@ Fields = list[tuple[bytes, bytes]]
 
 class Session:
     goaway_sent: int
+    queued: int
     def __init__(self, server: bool, settings: list[tuple[int, int]],
                  connection_window: int = ..., max_header_bytes: int = ...,
                  advertised_streams: int = ...) -> None: ...

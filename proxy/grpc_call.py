@@ -125,11 +125,11 @@ class GrpcCall:
 
     # -- backend -> client -------------------------------------------------------------------------
     def headers_received(self, headers: Fields, ended: bool) -> None:
-        """A head from the backend: the response's (an interim one is dropped), or, after it,
-        the trailers."""
+        """A final head from the backend: the response's, or, after it, the trailers (interim
+        heads are dropped by the connection)."""
         if self.head_sent:
             self.response_trailers(headers)
-        elif not (headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1"):
+        else:
             self.response_head(headers, ended)
 
     def response_head(self, headers: Fields, ended: bool) -> None:

@@ -9,8 +9,12 @@ HTTP/1.1-compatible and takes the ordinary path) is admitted like any other requ
 
 Each call is a `GrpcCall` (proxy/grpc_call.py), which joins the client's stream and the
 backend's; this module owns the connection (its frames, GOAWAY, idle close) and starting calls
-on it. A backend connection that dies ends every call on it with `grpc-status: 14`
-(UNAVAILABLE), which gRPC clients know how to retry, instead of a bare reset.
+on it. The sandbox is as hostile as any client: frames that ask for work without carrying a
+call's data (PING, SETTINGS, PRIORITY, unknown, empty DATA, GOAWAY, interim heads) are counted
+per second against `[limits] http2_max_control_frames`, and a backend that does not read what
+it asked for (acknowledgements) is cut once OUTPUT_LIMIT bytes wait for it. A backend
+connection that dies ends every call on it with `grpc-status: 14` (UNAVAILABLE), which gRPC
+clients know how to retry, instead of a bare reset.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from proxy.grpc_call import GrpcCall
 from proxy.h2_connection import (
     CLOSED,
     DATA,
+    EMPTY,
     END,
     FATAL,
     GOAWAY,
     HEADERS,
+    PING,
+    PRIORITY,
     RESET,
+    SETTINGS,
+    UNKNOWN,
     WINDOW,
     ErrorCodes,
     Session,
@@ -42,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sandbox_proxy.grpc")
 
 CALL_WINDOW = 1 << 20  # what the backend may send ahead, per call and (x16) per connection
+OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes queued for a backend that does not read: then it is cut
 
 
 class GrpcBackend(asyncio.Protocol):
@@ -55,6 +65,9 @@ class GrpcBackend(asyncio.Protocol):
         self.goaway = False  # the backend said GOAWAY: no new calls here
         self.deadline = 0.0  # without calls, closed after [timeouts] upstream_idle
         self.write_due = False  # a write of what h2 produced is scheduled for this loop turn
+        self.writing_paused = False
+        self.window_start = 0.0  # the control-frame count's current second
+        self.control_frames = 0
         self.h2 = Session(False, [
             (Setting.INITIAL_WINDOW_SIZE, CALL_WINDOW),
             (Setting.MAX_HEADER_LIST_SIZE, pool.pools.max_head_bytes),
@@ -76,6 +89,7 @@ class GrpcBackend(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         h2 = self.h2
         calls = self.calls
+        pump_all = False
         for event in h2.receive(data):
             kind = event[0]
             call = calls.get(event[1])
@@ -85,8 +99,11 @@ class GrpcBackend(asyncio.Protocol):
                 else:
                     h2.consume(event[1], len(event[2]))
             elif kind == HEADERS:
-                if call is not None:  # END_STREAM on the head: a trailers-only response
-                    call.headers_received(event[2], event[3])
+                fields = event[2]
+                if fields and fields[0][0] == b":status" and fields[0][1][:1] == b"1":
+                    self.count_control()  # an interim head: relayed nowhere, asks for work
+                elif call is not None:  # END_STREAM on the head: a trailers-only response
+                    call.headers_received(fields, event[3])
             elif kind == END:
                 if call is not None:
                     call.finish(None)
@@ -101,9 +118,11 @@ class GrpcBackend(asyncio.Protocol):
                     if call is not None:
                         call.pump()
                 else:
-                    for each in list(calls.values()):
-                        each.pump()
+                    pump_all = True  # once, after the batch: not once per frame
+            elif kind in (PING, SETTINGS, PRIORITY, UNKNOWN, EMPTY):
+                self.count_control()
             elif kind == GOAWAY:  # graceful or not: no new calls here
+                self.count_control()
                 self.goaway = True
                 if self.pool.multiplexed is self:
                     self.pool.multiplexed = None
@@ -122,7 +141,40 @@ class GrpcBackend(asyncio.Protocol):
                 self.write_now()
                 self.abort()
                 return
+            if self.closed:
+                return
+        if pump_all:
+            for each in list(calls.values()):
+                each.pump()
         self.flush()
+
+    def count_control(self) -> None:
+        now = self.pool.pools.loop.time()
+        if now - self.window_start >= 1.0:
+            self.window_start = now
+            self.control_frames = 0
+        self.control_frames += 1
+        if self.control_frames > self.pool.pools.max_control_frames and not self.closed:
+            log.warning("gRPC backend %s:%s of %s: control frame flood; GOAWAY ENHANCE_YOUR_CALM",
+                        self.pool.host, self.pool.port, self.pool.sandbox_id)
+            self.h2.goaway(ErrorCodes.ENHANCE_YOUR_CALM, -1, b"control_flood")
+            self.write_now()
+            self.abort()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
+            self.not_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+
+    def not_reading(self) -> None:
+        """What the backend asked for (PING and SETTINGS acknowledgements) piles up unread."""
+        if not self.closed:
+            log.warning("gRPC backend %s:%s of %s does not read what it asks for; cut",
+                        self.pool.host, self.pool.port, self.pool.sandbox_id)
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -151,6 +203,9 @@ class GrpcBackend(asyncio.Protocol):
         data = h2.send()
         if data:
             self.transport.write(data)
+            if self.writing_paused and self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
+                self.not_reading()
+                return
         later = h2.later()
         if later is not None:
             for event in later:  # streams the library closed while sending
@@ -162,6 +217,10 @@ class GrpcBackend(asyncio.Protocol):
             self.transport.close()
 
     def call_done(self, call: GrpcCall) -> None:
+        if call.unacked:  # received while the client's window was shut: the connection's window
+            self.h2.consume(call.stream_id, call.unacked)  # gets them back, or shrinks for good
+            call.unacked = 0
+            self.flush()
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
             if not self.calls:

@@ -147,6 +147,9 @@ class Http2Connection(asyncio.Protocol):
                 self.unwritten += 9  # its acknowledgement
                 self.windows_opened(0)  # a new initial window may unblock streams
             elif kind == GOAWAY:
+                self.count_control()
+                if self.closing:
+                    return
                 if event[2] == ErrorCodes.NO_ERROR and streams:
                     # graceful: the streams under way are answered, then the socket closes
                     self.last_stream = self.h2.last_stream_id()
@@ -165,6 +168,7 @@ class Http2Connection(asyncio.Protocol):
             elif kind == LATE:
                 # opened after our GOAWAY: unprocessed, the client retries it (RFC 9113 8.7)
                 self.h2.reset(event[1], ErrorCodes.REFUSED_STREAM)
+                self.count_control()
             elif kind == PING:
                 self.count_control()
                 self.unwritten += 17  # its acknowledgement
@@ -290,6 +294,10 @@ class Http2Connection(asyncio.Protocol):
             self.transport.write(data)
             if self.writing_paused and self.transport.get_write_buffer_size() > OUTPUT_LIMIT:
                 self.not_reading()
+        if h2.queued > OUTPUT_LIMIT:
+            # response bytes handed over within the windows, then stranded by a SETTINGS that
+            # shrank them: a client that makes the proxy hold data it will not take
+            self.not_reading()
         later = h2.later()
         if later is not None:
             for event in later:  # streams the library closed while sending

@@ -228,6 +228,14 @@ class H2Stream:
             self.connection.h2.consume(self.stream_id, n)
             self.connection.flush()
 
+    def release_window(self) -> None:
+        """The stream is done: what it received and never acknowledged (held while its backend
+        was full or not yet there) is given back to the connection's window, or those bytes
+        would shrink it for good."""
+        n, self.unacked = self.unacked, 0
+        if n:
+            self.connection.give_back(n, self.stream_id)
+
     def request_ended(self) -> None:
         self.ended = True
         if self.tunnel is not None:
@@ -248,6 +256,7 @@ class H2Stream:
             return
         self.closed = True
         self.pending.clear()
+        self.release_window()
         tunnel, self.tunnel = self.tunnel, None
         ex = self.exchange
         if tunnel is not None:
@@ -369,6 +378,7 @@ class H2Stream:
         # a request still being sent is stopped with RST_STREAM NO_ERROR once END_STREAM is
         # out (proxy/_h2session.c)
         self.ended = True
+        self.release_window()
         ex = self.exchange
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:

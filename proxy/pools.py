@@ -210,6 +210,9 @@ class UpstreamPools:
         self.idle_timeout = config.timeouts.upstream_idle
         self.max_idle = config.upstream.max_idle_per_backend
         self.max_head_bytes = config.limits.max_header_bytes  # backends' heads and trailers
+        # frames per second a gRPC backend may send that ask for work without carrying a call's
+        # data (proxy/grpc_upstream.py), as for clients
+        self.max_control_frames = config.limits.http2_max_control_frames
 
     def pool(self, sandbox_id: str, host: str, port: int) -> UpstreamPool:
         key = (sandbox_id, host, port)

@@ -25,6 +25,7 @@ from h2.settings import SettingCodes
 from hpack.hpack import encode_integer
 from hyperframe.frame import HeadersFrame, PingFrame, PriorityFrame
 
+from support.backends import det_bytes
 from support.h2_client import (
     FrameConn,
     GoAwayFrame,
@@ -392,6 +393,30 @@ async def test_streams_beyond_the_limit_are_refused_alone(edge):
         await f.until(lambda fr: f.status(again) is not None or isinstance(fr, GoAwayFrame))
         assert f.status(again) == 200
     await assert_healthy(edge, probe, base)
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+async def test_request_bodies_held_for_a_backend_never_reached_give_their_window_back(proxy,
+                                                                                       kind):
+    """Body bytes that arrive while the backend connection is still being made are held (not
+    acknowledged). When the request then ends without them (the port refuses every connect
+    attempt: 502, or gRPC UNAVAILABLE), they are given back to the connection's window: six such
+    requests of 200 KiB each (more than the 1 MiB connection window), and an upload on the same
+    connection still goes through."""
+    p = proxy()
+    extra = [("content-type", "application/grpc")] if kind == "grpc" else []
+    async with await H2Client.open(p.port) as c:
+        for i in range(6):
+            sid = c.start(request_fields("3000-refused.localhost", f"/upload?n={i}", "POST",
+                                         extra=extra), end_stream=False)
+            await c.send_data(sid, b"x" * 200 * 1024, end_stream=True, timeout=5)
+            r = await c.response(sid, timeout=10)
+            assert r.status == (200 if kind == "grpc" else 502), r.describe()
+        body = det_bytes(2 * MiB, seed=3)
+        sid = c.start(request_fields(DEMO, "/upload", "POST"), end_stream=False)
+        await c.send_data(sid, body, end_stream=True, timeout=5)
+        r = await c.response(sid, timeout=10)
+        assert r.status == 200, r.describe()
 
 
 # Requests only the protocol library can find malformed, after the proxy admitted their head and
