@@ -10,8 +10,8 @@ BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 
 .PHONY: run test fuzz bench bench-quick soak config-schema constraints clean
 
-# setup.py builds proxy/_h2session.c (HTTP/2 over the system's libnghttp2.so.14) in place
-$(STAMP): pyproject.toml constraints.txt setup.py proxy/_h2session.c proxy/_nghttp2_abi.h
+# setup.py builds proxy/_h2session*.c (HTTP/2 over the system's libnghttp2.so.14) in place
+$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard proxy/*.c proxy/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[test]'

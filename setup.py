@@ -10,9 +10,9 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "proxy._h2session",
-    sources=["proxy/_h2session.c"],
-    depends=["proxy/_nghttp2_abi.h"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+    sources=["proxy/_h2session.c", "proxy/_h2session_callbacks.c"],
+    depends=["proxy/_h2session.h", "proxy/_nghttp2_abi.h"],
+    extra_compile_args=["-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers"],
     extra_link_args=["-l:libnghttp2.so.14"],
 )])

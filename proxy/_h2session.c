@@ -21,338 +21,16 @@
  * higher limit, the SETTINGS frame it writes is patched to announce the advertised one, and the
  * caller refuses the surplus streams itself (RST_STREAM REFUSED_STREAM).
  *
+ * This file is the Python type that drives the library; what the library calls back (frames
+ * received becoming events, DATA read from the send queues, streams ending) is
+ * _h2session_callbacks.c, and what both share is _h2session.h.
+ *
  * The library is the system's libnghttp2.so.14: 1.61 or later, or Debian 12's 1.52 with its
  * security backports (the CONTINUATION and reset-rate bounds); an older one fails at import. The
  * declarations of its stable C interface this module uses are in _nghttp2_abi.h, so no
  * development package is needed.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/types.h>
-
-#include "_nghttp2_abi.h"
-
-/* ---- events, as tuples: (kind, stream id, ...) ----------------------------------------- */
-enum {
-    EV_HEADERS = 1,   /* (1, sid, fields, end_stream) */
-    EV_DATA = 2,      /* (2, sid, bytes) */
-    EV_END = 3,       /* (3, sid): END_STREAM received */
-    EV_RESET = 4,     /* (4, sid, error code) */
-    EV_WINDOW = 5,    /* (5, sid): WINDOW_UPDATE; 0 is the connection */
-    EV_SETTINGS = 6,  /* (6, 0) */
-    EV_GOAWAY = 7,    /* (7, last stream id, error code) */
-    EV_PING = 8,      /* (8, 0) */
-    EV_PRIORITY = 9,  /* (9, sid) */
-    EV_UNKNOWN = 10,  /* (10, 0): a frame of a type the proxy does not use */
-    EV_EMPTY = 11,    /* (11, sid): a DATA frame with no payload and no END_STREAM */
-    EV_FATAL = 12,    /* (12, 0, error code, reason): the connection cannot go on */
-    EV_LATE = 13,     /* (13, sid): a stream opened after our graceful GOAWAY (the library
-                         ignores it; the owner refuses it, so the client knows to retry) */
-    EV_CLOSED = 14,   /* (14, sid, error code): the library closed the stream. A stream the
-                         owner still holds was reset by the library itself (a malformed
-                         request or response: Content-Length against DATA, a field RFC 9113
-                         forbids), and its exchange must end. Reported by `later()` when it
-                         happens while sending. */
-};
-
-/* ---- bytes queued for one stream, framed as the windows allow ------------------------- */
-
-typedef struct Out {
-    struct Out *prev, *next;  /* every Out of a session, for freeing */
-    int32_t sid;
-    char *buf;
-    size_t start, end, cap;
-    int ended;     /* END_STREAM after the bytes (with trailers, if any) */
-    int deferred;  /* the library was told to wait: resume when bytes come */
-    PyObject *trailers;
-} Out;
-
-typedef struct {
-    PyObject_HEAD
-    nghttp2_session *session;
-    Out outs;  /* list head */
-    PyObject *events;   /* during receive */
-    PyObject *later;    /* events that happened while sending, until later() takes them */
-    PyObject *fields;   /* the header block being received */
-    size_t field_bytes;
-    size_t max_header_bytes;
-    size_t queued;      /* bytes queued on every stream */
-    char *obuf;
-    size_t olen, ocap;
-    uint32_t advertised_streams;  /* patched into the first SETTINGS frame (server) */
-    int settings_patched;
-    int calm;           /* a header list past the bound: stop decoding */
-    int32_t graceful_last;  /* the last stream a graceful GOAWAY of ours let in, or -1 */
-    int32_t late_last;      /* the highest stream reported late (each is reported once) */
-    int64_t goaway_sent;  /* error code of a GOAWAY the library sent, -1 none */
-} Session;
-
-static void out_free(Session *self, Out *o) {
-    o->prev->next = o->next;
-    o->next->prev = o->prev;
-    self->queued -= o->end - o->start;
-    Py_XDECREF(o->trailers);
-    free(o->buf);
-    free(o);
-}
-
-static Out *out_new(Session *self, int32_t sid) {
-    Out *o = calloc(1, sizeof(Out));
-    if (o == NULL) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    o->sid = sid;
-    o->next = self->outs.next;
-    o->prev = &self->outs;
-    self->outs.next->prev = o;
-    self->outs.next = o;
-    return o;
-}
-
-/* ---- fields: Python list of (name, value) pairs <-> nghttp2_nv ----------------------- */
-
-/* The fields as nv entries pointing into the Python bytes (the library copies them). `first`
- * (may be NULL) is put before them. Returns a malloc'd array or NULL with an exception set. */
-static nghttp2_nv *nv_of(PyObject *fields, const nghttp2_nv *first, size_t *count) {
-    PyObject *seq = PySequence_Fast(fields, "fields must be a sequence of (name, value)");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    size_t extra = first != NULL;
-    nghttp2_nv *nva = malloc(sizeof(nghttp2_nv) * ((size_t)n + extra + 1));
-    if (nva == NULL) {
-        Py_DECREF(seq);
-        PyErr_NoMemory();
-        return NULL;
-    }
-    if (first != NULL)
-        nva[0] = *first;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2
-            || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0))
-            || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
-            PyErr_SetString(PyExc_TypeError, "a field must be a (bytes, bytes) tuple");
-            free(nva);
-            Py_DECREF(seq);
-            return NULL;
-        }
-        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
-        nghttp2_nv *nv = &nva[extra + (size_t)i];
-        nv->name = (uint8_t *)PyBytes_AS_STRING(name);
-        nv->namelen = (size_t)PyBytes_GET_SIZE(name);
-        nv->value = (uint8_t *)PyBytes_AS_STRING(value);
-        nv->valuelen = (size_t)PyBytes_GET_SIZE(value);
-        nv->flags = 0;
-    }
-    *count = (size_t)n + extra;
-    /* the bytes stay alive: `fields` holds them for the caller's call */
-    Py_DECREF(seq);
-    return nva;
-}
-
-static int push(Session *self, PyObject *event) {
-    if (event == NULL)
-        return NG_ERR_CALLBACK_FAILURE;
-    if (self->events == NULL && self->later == NULL && (self->later = PyList_New(0)) == NULL) {
-        Py_DECREF(event);
-        return NG_ERR_CALLBACK_FAILURE;
-    }
-    int rv = PyList_Append(self->events != NULL ? self->events : self->later, event);
-    Py_DECREF(event);
-    return rv < 0 ? NG_ERR_CALLBACK_FAILURE : 0;
-}
-
-/* ---- callbacks ------------------------------------------------------------------------- */
-
-static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
-    Session *self = ud;
-    Py_XSETREF(self->fields, PyList_New(0));
-    self->field_bytes = 0;
-    return self->fields == NULL ? NG_ERR_CALLBACK_FAILURE : 0;
-}
-
-static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
-                     size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
-                     void *ud) {
-    Session *self = ud;
-    self->field_bytes += namelen + valuelen + 32;  /* RFC 9113 6.5.2's accounting */
-    if (self->field_bytes > self->max_header_bytes) {
-        self->calm = 1;  /* an HPACK bomb or an oversized list: decode no further */
-        return NG_ERR_CALLBACK_FAILURE;
-    }
-    if (self->fields == NULL)
-        return 0;
-    PyObject *pair = Py_BuildValue("(y#y#)", name, (Py_ssize_t)namelen, value,
-                                   (Py_ssize_t)valuelen);
-    if (pair == NULL)
-        return NG_ERR_CALLBACK_FAILURE;
-    int rv = PyList_Append(self->fields, pair);
-    Py_DECREF(pair);
-    return rv < 0 ? NG_ERR_CALLBACK_FAILURE : 0;
-}
-
-static int on_invalid_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
-                             size_t namelen, const uint8_t *value, size_t valuelen,
-                             uint8_t flags, void *ud) {
-    /* a field RFC 9113 8.2.1 forbids (upper case, a separator in the name, a space around the
-     * value): the request is malformed and its stream is reset, never silently trimmed */
-    return NG_ERR_TEMPORAL_CALLBACK_FAILURE;
-}
-
-static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data,
-                         size_t len, void *ud) {
-    return push(ud, Py_BuildValue("(iiy#)", EV_DATA, sid, data, (Py_ssize_t)len));
-}
-
-/* A response complete while its request is still being sent (a gRPC server ending a call early)
- * ends the call: the stream is closed with RST_STREAM NO_ERROR, or it would stay half-open in the
- * library, counted against the sandbox's stream limit for the connection's whole life. */
-static void end_answered_request(nghttp2_session *s, const nghttp2_frame_hd *hd) {
-    if ((hd->flags & NG_FLAG_END_STREAM) && !nghttp2_session_check_server_session(s)
-        && nghttp2_session_get_stream_local_close(s, hd->stream_id) == 0)
-        nghttp2_submit_rst_stream(s, 0, hd->stream_id, NO_ERROR);
-}
-
-static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
-    Session *self = ud;
-    const nghttp2_frame_hd *hd = &frame->hd;
-    int rv;
-    if (hd->type == NG_DATA || hd->type == NG_HEADERS)
-        end_answered_request(s, hd);
-    switch (hd->type) {
-    case NG_DATA:
-        if (hd->flags & NG_FLAG_END_STREAM)
-            return push(self, Py_BuildValue("(ii)", EV_END, hd->stream_id));
-        if (hd->length == 0)
-            return push(self, Py_BuildValue("(ii)", EV_EMPTY, hd->stream_id));
-        return 0;
-    case NG_HEADERS: {
-        PyObject *fields = self->fields;
-        if (fields == NULL)
-            return 0;
-        self->fields = NULL;
-        int end = (hd->flags & NG_FLAG_END_STREAM) != 0;
-        rv = push(self, Py_BuildValue("(iiNO)", EV_HEADERS, hd->stream_id, fields,
-                                      end ? Py_True : Py_False));
-        if (rv == 0 && end)
-            rv = push(self, Py_BuildValue("(ii)", EV_END, hd->stream_id));
-        return rv;
-    }
-    case NG_RST_STREAM:
-        return push(self, Py_BuildValue("(iik)", EV_RESET, hd->stream_id,
-                                        (unsigned long)frame->rst_stream.error_code));
-    case NG_WINDOW_UPDATE:
-        return push(self, Py_BuildValue("(ii)", EV_WINDOW, hd->stream_id));
-    case NG_SETTINGS:
-        if (hd->flags & NG_FLAG_ACK)
-            return 0;
-        return push(self, Py_BuildValue("(ii)", EV_SETTINGS, 0));
-    case NG_GOAWAY:
-        return push(self, Py_BuildValue("(iik)", EV_GOAWAY, frame->goaway.last_stream_id,
-                                        (unsigned long)frame->goaway.error_code));
-    case NG_PING:
-        if (hd->flags & NG_FLAG_ACK)
-            return 0;
-        return push(self, Py_BuildValue("(ii)", EV_PING, 0));
-    case NG_PRIORITY:
-        return push(self, Py_BuildValue("(ii)", EV_PRIORITY, hd->stream_id));
-    default:
-        return 0;
-    }
-}
-
-static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *ud) {
-    Session *self = ud;
-    if (hd->type > NG_CONTINUATION)  /* registered below only to be seen and counted */
-        return push(self, Py_BuildValue("(ii)", EV_UNKNOWN, 0));
-    if (hd->type == NG_HEADERS && self->graceful_last >= 0 && hd->stream_id > self->graceful_last
-        && hd->stream_id > self->late_last
-        && hd->stream_id > nghttp2_session_get_last_proc_stream_id(s)) {
-        self->late_last = hd->stream_id;
-        return push(self, Py_BuildValue("(ii)", EV_LATE, hd->stream_id));
-    }
-    return 0;
-}
-
-static int unpack_extension(nghttp2_session *s, void **payload, const nghttp2_frame_hd *hd,
-                            void *ud) {
-    return NG_ERR_CANCEL;  /* counted at its beginning; nothing else to do */
-}
-
-static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
-    Session *self = ud;
-    const nghttp2_frame_hd *hd = &frame->hd;
-    if (hd->type == NG_GOAWAY) {
-        if (frame->goaway.error_code != NO_ERROR)
-            self->goaway_sent = frame->goaway.error_code;
-        else if (self->graceful_last < 0)  /* from now on the library ignores new streams */
-            self->graceful_last = frame->goaway.last_stream_id;
-    }
-    /* RFC 9113 8.1: a response complete before its request (an early answer, the end of a
-     * tunnel or a gRPC stream) stops the rest of the request with RST_STREAM NO_ERROR. Sent
-     * only once END_STREAM is out: the library drops the frames of a stream already reset. */
-    if ((hd->type == NG_DATA || hd->type == NG_HEADERS) && (hd->flags & NG_FLAG_END_STREAM)
-        && nghttp2_session_check_server_session(s)
-        && nghttp2_session_get_stream_remote_close(s, hd->stream_id) == 0)
-        nghttp2_submit_rst_stream(s, 0, hd->stream_id, NO_ERROR);
-    return 0;
-}
-
-static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud) {
-    Out *o = nghttp2_session_get_stream_user_data(s, sid);
-    if (o != NULL) {
-        nghttp2_session_set_stream_user_data(s, sid, NULL);
-        out_free(ud, o);
-    }
-    /* the stream is gone whatever happens to the event: a failure to report it (no memory) is
-     * the exception receive() or send() raises, never a stream half-closed in the library */
-    push(ud, Py_BuildValue("(iik)", EV_CLOSED, sid, (unsigned long)code));
-    return 0;
-}
-
-static ssize_t read_out(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t length,
-                        uint32_t *data_flags, nghttp2_data_source *source, void *ud) {
-    Session *self = ud;
-    Out *o = source->ptr;
-    size_t n = o->end - o->start;
-    if (n > length)
-        n = length;
-    if (n) {
-        memcpy(buf, o->buf + o->start, n);
-        o->start += n;
-        self->queued -= n;
-        if (o->start == o->end)
-            o->start = o->end = 0;
-    }
-    if (o->start == o->end) {
-        if (!o->ended) {
-            if (n)
-                return (ssize_t)n;
-            o->deferred = 1;
-            return NG_ERR_DEFERRED;
-        }
-        *data_flags |= NG_DATA_FLAG_EOF;
-        if (o->trailers != NULL) {
-            size_t count;
-            nghttp2_nv *nva = nv_of(o->trailers, NULL, &count);
-            if (nva == NULL) {
-                PyErr_Clear();
-                return NG_ERR_TEMPORAL_CALLBACK_FAILURE;
-            }
-            int rv = nghttp2_submit_trailer(s, sid, nva, count);
-            free(nva);
-            if (rv == 0)
-                *data_flags |= NG_DATA_FLAG_NO_END_STREAM;
-        }
-    }
-    return (ssize_t)n;
-}
+#include "_h2session.h"
 
 /* ---- the Session type ------------------------------------------------------------------ */
 
@@ -411,15 +89,7 @@ static int Session_init(Session *self, PyObject *args, PyObject *kw) {
         PyErr_NoMemory();
         return -1;
     }
-    nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
-    nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
-    nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, on_invalid_header);
-    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
-    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
-    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
-    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
-    nghttp2_session_callbacks_set_on_begin_frame_callback(cbs, on_begin_frame);
-    nghttp2_session_callbacks_set_unpack_extension_callback(cbs, unpack_extension);
+    h2s_set_callbacks(cbs);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     /* CONTINUATION floods (CVE-2024-27316): a header block spans at most this many */
     nghttp2_option_set_max_continuations(opt, 64);
@@ -455,7 +125,7 @@ static void Session_dealloc(Session *self) {
         nghttp2_session_del(self->session);
     if (self->outs.next != NULL)
         while (self->outs.next != &self->outs)
-            out_free(self, self->outs.next);
+            h2s_out_free(self, self->outs.next);
     Py_XDECREF(self->fields);
     Py_XDECREF(self->events);
     Py_XDECREF(self->later);
@@ -569,13 +239,6 @@ static PyObject *Session_send(Session *self, PyObject *unused) {
     return out;
 }
 
-static nghttp2_data_provider provider_of(Out *o) {
-    nghttp2_data_provider prd;
-    prd.source.ptr = o;
-    prd.read_callback = read_out;
-    return prd;
-}
-
 /* respond(stream_id, status, fields, end) -> bool: a response head (an interim one when
  * status < 200); False if the stream is gone. */
 static PyObject *Session_respond(Session *self, PyObject *args) {
@@ -588,7 +251,7 @@ static PyObject *Session_respond(Session *self, PyObject *args) {
     int tlen = snprintf(text, sizeof text, "%d", status);
     nghttp2_nv first = {(uint8_t *)":status", (uint8_t *)text, 7, (size_t)tlen, 0};
     size_t count;
-    nghttp2_nv *nva = nv_of(fields, &first, &count);
+    nghttp2_nv *nva = h2s_nv_of(fields, &first, &count);
     if (nva == NULL)
         return NULL;
     int rv;
@@ -600,19 +263,19 @@ static PyObject *Session_respond(Session *self, PyObject *args) {
     } else if (nghttp2_session_get_stream_user_data(self->session, sid) != NULL) {
         rv = -1;  /* a final response was already given */
     } else {
-        Out *o = out_new(self, sid);
+        Out *o = h2s_out_new(self, sid);
         if (o == NULL) {
             free(nva);
             return NULL;
         }
         rv = nghttp2_session_set_stream_user_data(self->session, sid, o);
         if (rv == 0) {
-            nghttp2_data_provider prd = provider_of(o);
+            nghttp2_data_provider prd = h2s_provider_of(o);
             rv = nghttp2_submit_response(self->session, sid, nva, count, &prd);
         }
         if (rv != 0) {
             nghttp2_session_set_stream_user_data(self->session, sid, NULL);
-            out_free(self, o);
+            h2s_out_free(self, o);
         }
     }
     free(nva);
@@ -627,47 +290,27 @@ static PyObject *Session_request(Session *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Op", &fields, &end))
         return NULL;
     size_t count;
-    nghttp2_nv *nva = nv_of(fields, NULL, &count);
+    nghttp2_nv *nva = h2s_nv_of(fields, NULL, &count);
     if (nva == NULL)
         return NULL;
     int32_t sid;
     if (end) {
         sid = nghttp2_submit_request(self->session, NULL, nva, count, NULL, NULL);
     } else {
-        Out *o = out_new(self, 0);
+        Out *o = h2s_out_new(self, 0);
         if (o == NULL) {
             free(nva);
             return NULL;
         }
-        nghttp2_data_provider prd = provider_of(o);
+        nghttp2_data_provider prd = h2s_provider_of(o);
         sid = nghttp2_submit_request(self->session, NULL, nva, count, &prd, o);
         if (sid < 0)
-            out_free(self, o);
+            h2s_out_free(self, o);
         else
             o->sid = sid;
     }
     free(nva);
     return PyLong_FromLong(sid);
-}
-
-static Out *out_of(Session *self, int32_t sid) {
-    if (sid <= 0)
-        return NULL;
-    Out *o = nghttp2_session_get_stream_user_data(self->session, sid);
-    if (o != NULL)
-        return o;
-    /* a request submitted but not yet sent has no stream in the library yet */
-    for (o = self->outs.next; o != &self->outs; o = o->next)
-        if (o->sid == sid)
-            return o;
-    return NULL;
-}
-
-static void wake(Session *self, Out *o) {
-    if (o->deferred) {
-        o->deferred = 0;
-        nghttp2_session_resume_data(self->session, o->sid);
-    }
 }
 
 /* data(stream_id, bytes) -> bool: queue DATA; False if the stream is gone or ended. */
@@ -677,7 +320,7 @@ static PyObject *Session_data(Session *self, PyObject *args) {
     Py_buffer view;
     if (!PyArg_ParseTuple(args, "iy*", &sid, &view))
         return NULL;
-    Out *o = out_of(self, sid);
+    Out *o = h2s_out_of(self, sid);
     if (o == NULL || o->ended) {
         PyBuffer_Release(&view);
         Py_RETURN_FALSE;
@@ -706,7 +349,7 @@ static PyObject *Session_data(Session *self, PyObject *args) {
     o->end += n;
     self->queued += n;
     PyBuffer_Release(&view);
-    wake(self, o);
+    h2s_wake(self, o);
     Py_RETURN_TRUE;
 }
 
@@ -723,12 +366,12 @@ static PyObject *Session_end(Session *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "trailers must be a list of (bytes, bytes)");
             return NULL;
         }
-        nghttp2_nv *nva = nv_of(trailers, NULL, &count);
+        nghttp2_nv *nva = h2s_nv_of(trailers, NULL, &count);
         if (nva == NULL)
             return NULL;
         free(nva);
     }
-    Out *o = out_of(self, sid);
+    Out *o = h2s_out_of(self, sid);
     if (o == NULL || o->ended)
         Py_RETURN_FALSE;
     o->ended = 1;
@@ -736,7 +379,7 @@ static PyObject *Session_end(Session *self, PyObject *args) {
         Py_INCREF(trailers);
         o->trailers = trailers;
     }
-    wake(self, o);
+    h2s_wake(self, o);
     Py_RETURN_TRUE;
 }
 
@@ -746,7 +389,7 @@ static PyObject *Session_room(Session *self, PyObject *arg) {
     int sid = (int)PyLong_AsLong(arg);
     if (sid == -1 && PyErr_Occurred())
         return NULL;
-    Out *o = out_of(self, sid);
+    Out *o = h2s_out_of(self, sid);
     if (o == NULL)
         return PyLong_FromLong(0);
     long stream = nghttp2_session_get_stream_remote_window_size(self->session, sid);
