@@ -111,8 +111,7 @@ class GrpcBackend(asyncio.Protocol):
                 if call is not None:
                     call.backend_lost("the sandbox reset the call")
             elif kind == CLOSED:
-                if call is not None:  # reset by the library: a malformed response
-                    call.backend_lost("the sandbox sent an invalid response")
+                self.library_closed(event[1])
             elif kind == WINDOW:
                 if event[1]:
                     if call is not None:
@@ -147,6 +146,13 @@ class GrpcBackend(asyncio.Protocol):
             for each in list(calls.values()):
                 each.pump()
         self.flush()
+
+    def library_closed(self, stream_id: int) -> None:
+        """The library closed a stream. A call still on it was reset by the library itself (a
+        malformed response)."""
+        call = self.calls.get(stream_id)
+        if call is not None:
+            call.backend_lost("the sandbox sent an invalid response")
 
     def count_control(self) -> None:
         now = self.pool.pools.loop.time()
@@ -207,11 +213,9 @@ class GrpcBackend(asyncio.Protocol):
                 self.not_reading()
                 return
         later = h2.later()
-        if later is not None:
-            for event in later:  # streams the library closed while sending
-                call = self.calls.get(event[1])
-                if call is not None:  # reset by the library: a malformed response
-                    call.backend_lost("the sandbox sent an invalid response")
+        if later is not None:  # streams the library closed while sending
+            for event in later:
+                self.library_closed(event[1])
         if not h2.want():  # a protocol error the library answered with GOAWAY, or all done
             self.closed = True
             self.transport.close()

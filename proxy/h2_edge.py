@@ -163,8 +163,7 @@ class Http2Connection(asyncio.Protocol):
                 self.go_away(ErrorCodes(event[2]))
                 return
             elif kind == CLOSED:
-                if event[1] in streams:
-                    self.stream_reset(event[1])  # reset by the library: malformed
+                self.library_closed(event[1])
             elif kind == LATE:
                 # opened after our GOAWAY: unprocessed, the client retries it (RFC 9113 8.7)
                 self.h2.reset(event[1], ErrorCodes.REFUSED_STREAM)
@@ -229,6 +228,12 @@ class Http2Connection(asyncio.Protocol):
             self.deadline = 0.0  # no longer idle
         self.streams[stream_id] = stream
         stream.request_received(headers, ended)
+
+    def library_closed(self, stream_id: int) -> None:
+        """The library closed a stream. One still held here was reset by the library itself (a
+        malformed request: Content-Length against DATA, a forbidden trailer field)."""
+        if stream_id in self.streams:
+            self.stream_reset(stream_id)
 
     def stream_reset(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -299,10 +304,9 @@ class Http2Connection(asyncio.Protocol):
             # shrank them: a client that makes the proxy hold data it will not take
             self.not_reading()
         later = h2.later()
-        if later is not None:
-            for event in later:  # streams the library closed while sending
-                if event[1] in self.streams:
-                    self.stream_reset(event[1])  # reset by the library: malformed
+        if later is not None:  # streams the library closed while sending
+            for event in later:
+                self.library_closed(event[1])
         if not self.goaway_sent and not h2.want():
             # the library ended the connection itself: a protocol error (its GOAWAY is out),
             # or every stream done after a GOAWAY either way

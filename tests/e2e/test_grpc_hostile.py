@@ -17,8 +17,8 @@ from h2.settings import SettingCodes
 
 from support.grpc_backend import GrpcBackend
 from support.grpc_client import Echo, proxy_channel
-from support.h2_client import H2Client, request_fields
-from support.process import standard_registry
+from support.h2_client import H2Client, request_fields, serve_on
+from support.process import free_port, standard_registry
 from support.raw_http import fetch
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,48 +62,31 @@ def frames_of(data: bytes) -> list[tuple[int, int, int, bytes]]:
 
 
 class RawH2Server:
-    """An h2c "gRPC server" written by hand: `respond(sid)` gives the frames it writes for each
-    request stream it sees; `extra` what it writes after its SETTINGS. Everything the proxy sent
-    it is kept in `received`."""
+    """An h2c "gRPC server" written by hand (`handle`, served by serve_on): `respond(sid)` gives
+    the frames it writes for each request stream it sees. Everything the proxy sent it is kept in
+    `received`."""
 
-    def __init__(self, respond, extra: bytes = b"", max_streams: int = 100):
+    def __init__(self, respond, max_streams: int = 100):
         self.respond = respond
-        self.extra = extra
         self.max_streams = max_streams
         self.received = b""
-        self.port = 0
-        self.server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> RawH2Server:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         settings = struct.pack("!HI", SettingCodes.MAX_CONCURRENT_STREAMS, self.max_streams)
-        writer.write(frame(4, 0, 0, settings) + self.extra)
+        writer.write(frame(4, 0, 0, settings))
         buffered, answered = b"", set()
-        try:
-            while chunk := await reader.read(65536):
-                self.received += chunk
-                buffered += chunk
-                start = len(PREFACE) if buffered.startswith(PREFACE) else 0
-                for kind, flags, sid, _ in frames_of(buffered[start:]):
-                    if kind == 4 and not flags & 1:
-                        writer.write(frame(4, 1, 0))  # SETTINGS ACK
-                    if kind == 1 and sid not in answered:
-                        answered.add(sid)
-                        writer.write(self.respond(sid))
-                buffered = b""  # the proxy's frames arrive whole in these small tests
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        while chunk := await reader.read(65536):
+            self.received += chunk
+            buffered += chunk
+            start = len(PREFACE) if buffered.startswith(PREFACE) else 0
+            for kind, flags, sid, _ in frames_of(buffered[start:]):
+                if kind == 4 and not flags & 1:
+                    writer.write(frame(4, 1, 0))  # SETTINGS ACK
+                if kind == 1 and sid not in answered:
+                    answered.add(sid)
+                    writer.write(self.respond(sid))
+            buffered = b""  # the proxy's frames arrive whole in these small tests
+            await writer.drain()
 
 
 def proxy_with(proxy, backend, refused_port, port: int):
@@ -154,9 +137,9 @@ async def test_a_server_ending_calls_before_their_requests_does_not_use_up_its_s
         return (frame(1, 4, sid, head) + frame(0, 0, sid, message(b"early"))
                 + frame(1, 5, sid, trailers))
 
-    server = await RawH2Server(respond, max_streams=4).start()
-    try:
-        p = proxy_with(proxy, backend, refused_port, server.port)
+    server, port = RawH2Server(respond, max_streams=4), free_port()
+    async with serve_on(port, server.handle):
+        p = proxy_with(proxy, backend, refused_port, port)
         async with await H2Client.open(p.port) as c:
             for i in range(12):
                 sid = c.start(grpc_fields("/test.Echo/Chat"), end_stream=False)
@@ -166,8 +149,6 @@ async def test_a_server_ending_calls_before_their_requests_does_not_use_up_its_s
         resets = [(sid, payload) for kind, _, sid, payload in frames_of(
             server.received[len(PREFACE):]) if kind == 3]
         assert len(resets) >= 12, resets
-    finally:
-        await server.stop()
 
 
 async def test_a_server_flooding_control_frames_is_cut(proxy, backend, refused_port):
@@ -181,9 +162,9 @@ async def test_a_server_flooding_control_frames_is_cut(proxy, backend, refused_p
         return frame(1, 4, sid, head) + b"".join(
             frame(6, 0, 0, struct.pack("!Q", i)) for i in range(3000))
 
-    server = await RawH2Server(respond).start()
-    try:
-        p = proxy_with(proxy, backend, refused_port, server.port)
+    server, port = RawH2Server(respond), free_port()
+    async with serve_on(port, server.handle):
+        p = proxy_with(proxy, backend, refused_port, port)
         async with await H2Client.open(p.port) as c:
             sid = c.start(grpc_fields("/test.Echo/Unary"), end_stream=False)
             await c.send_data(sid, message(b"x"), end_stream=True)
@@ -196,5 +177,3 @@ async def test_a_server_flooding_control_frames_is_cut(proxy, backend, refused_p
         assert code == 0xB and goaways[-1][8:] == b"control_flood", goaways[-1]
         assert p.alive(), p.stderr()[-2000:]
         assert (await fetch(p, "/echo?after-flood")).status == 200
-    finally:
-        await server.stop()

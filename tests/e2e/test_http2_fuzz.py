@@ -17,6 +17,7 @@ Deterministic (seeded); ``SANDBOX_PROXY_FUZZ_EXAMPLES`` sets the number of seque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import struct
@@ -24,10 +25,9 @@ import struct
 import hpack
 import pytest
 
-from benchmarks.soak import HELD_GAUGES, ProxyProbe
-from support.h2_client import H2Client, RssPeak
-from support.process import standard_registry, wait_until
-from support.raw_http import fetch
+from support.h2_client import RssPeak, serve_on
+from support.h2_health import DEMO, assert_healthy, baseline_of
+from support.process import free_port, standard_registry
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,7 +35,6 @@ MiB = 1 << 20
 EXAMPLES = int(os.environ.get("SANDBOX_PROXY_FUZZ_EXAMPLES", "120"))
 AT_ONCE = 8  # connections in flight together
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DEMO = "3000-demo.localhost"
 
 
 def frame(kind: int, flags: int, sid: int, payload: bytes, length: int | None = None) -> bytes:
@@ -230,30 +229,20 @@ async def client_example(port: int, seed: int) -> None:
             writer.close()
 
 
-async def normal_requests(p) -> None:
-    async with await H2Client.open(p.port) as c:
-        r = await c.request(DEMO, "/echo?fuzz-healthy")
-        assert r.status == 200 and r.ended, r.describe()
-    assert (await fetch(p, "/echo?fuzz-healthy-h1")).status == 200
+async def run_examples(p, example) -> int:
+    """`example(port, seed)` for every seed, AT_ONCE connections at a time, the proxy alive after
+    each batch; returns the proxy's RSS growth meanwhile."""
+    async with RssPeak(p.rss) as rss:
+        for start in range(0, EXAMPLES, AT_ONCE):
+            await asyncio.gather(*(example(p.port, seed)
+                                   for seed in range(start, min(start + AT_ONCE, EXAMPLES))))
+            assert p.alive(), f"died after seeds {start}..{start + AT_ONCE - 1}: " + \
+                p.stderr()[-3000:]
+    return rss.growth
 
 
-async def settle(p, probe: ProxyProbe, base) -> None:
-    assert p.alive(), p.stderr()[-3000:]
-    await normal_requests(p)
-    _, problems, took = await probe.settle(base, 15, rss_tolerance=24 * MiB)
-    assert not problems, f"not back to the baseline after {took:.1f} s: {problems}"
-    assert "Traceback" not in p.stderr(), p.stderr()[-3000:]
-
-
-async def baseline(p) -> tuple[ProxyProbe, object]:
-    await normal_requests(p)
-    probe = ProxyProbe(p.pid, p.metrics_url)
-
-    async def quiet() -> bool:
-        gauges = await probe.gauges()
-        return all(gauges.get(name, 0) == 0 for name in HELD_GAUGES)
-    await wait_until(quiet, timeout=10)
-    return probe, await probe.sample()
+async def settle(p, probe, base) -> None:
+    await assert_healthy(p, probe, base, rss_tolerance=24 * MiB, within=15)
 
 
 async def test_random_client_frames_never_hurt_the_proxy(proxy):
@@ -261,35 +250,23 @@ async def test_random_client_frames_never_hurt_the_proxy(proxy):
     serves both protocols, and returns to its baseline."""
     p = proxy(config={"limits": {"http2_max_streams": 8},
                       "timeouts": {"client_send": 1.0}})
-    probe, base = await baseline(p)
-    async with RssPeak(p.rss) as rss:
-        for start in range(0, EXAMPLES, AT_ONCE):
-            await asyncio.gather(*(client_example(p.port, seed)
-                                   for seed in range(start, min(start + AT_ONCE, EXAMPLES))))
-            assert p.alive(), f"died after seeds {start}..{start + AT_ONCE - 1}: " + \
-                p.stderr()[-3000:]
-    assert rss.growth < 48 * MiB, f"proxy RSS grew by {rss.growth / MiB:.1f} MiB"
+    probe, base = await baseline_of(p)
+    growth = await run_examples(p, client_example)
+    assert growth < 48 * MiB, f"proxy RSS grew by {growth / MiB:.1f} MiB"
     await settle(p, probe, base)
 
 
 class RandomGrpcServer:
-    """A "sandbox" speaking h2c back with random frames: each connection gets the next seed's
-    sequence, then is closed."""
+    """A "sandbox" speaking h2c back with random frames (`handle`, served by serve_on): each
+    connection gets the next seed's sequence, then is closed."""
 
     def __init__(self) -> None:
         self.connections = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
 
-    async def start(self) -> RandomGrpcServer:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         rng = random.Random(1_000_000 + self.connections)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reader.read(1 << 16), timeout=1.0)  # preface, request
             for chunk in sequence(rng, "", response=True):
                 writer.write(chunk)
@@ -298,14 +275,6 @@ class RandomGrpcServer:
                     await asyncio.sleep(0.001)
             await writer.drain()
             await asyncio.sleep(rng.choice([0, 0.05]))
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 GRPC_CALL = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"3000-fuzz.localhost"),
@@ -337,20 +306,13 @@ async def grpc_example(port: int, seed: int) -> None:
 async def test_random_grpc_backend_frames_never_hurt_the_proxy(proxy, backend, refused_port):
     """A sandbox's gRPC server answering calls with random frames (a new connection each time it
     closes): the proxy stays up, serves, and returns to its baseline."""
-    sandbox = await RandomGrpcServer().start()
-    try:
+    sandbox, port = RandomGrpcServer(), free_port()
+    async with serve_on(port, sandbox.handle):
         registry = standard_registry(backend.port, refused_port)
-        registry["fuzz"] = {"host": "127.0.0.1", "ports": {3000: sandbox.port}}
+        registry["fuzz"] = {"host": "127.0.0.1", "ports": {3000: port}}
         p = proxy(sandboxes=registry)
-        probe, base = await baseline(p)
-        async with RssPeak(p.rss) as rss:
-            for start in range(0, EXAMPLES, AT_ONCE):
-                await asyncio.gather(*(grpc_example(p.port, seed)
-                                       for seed in range(start, min(start + AT_ONCE, EXAMPLES))))
-                assert p.alive(), f"died after seeds {start}..{start + AT_ONCE - 1}: " + \
-                    p.stderr()[-3000:]
+        probe, base = await baseline_of(p)
+        growth = await run_examples(p, grpc_example)
         assert sandbox.connections > EXAMPLES // (4 * AT_ONCE), sandbox.connections
-        assert rss.growth < 48 * MiB, f"proxy RSS grew by {rss.growth / MiB:.1f} MiB"
+        assert growth < 48 * MiB, f"proxy RSS grew by {growth / MiB:.1f} MiB"
         await settle(p, probe, base)
-    finally:
-        await sandbox.stop()

@@ -33,12 +33,12 @@ from support.h2_client import (
     RssPeak,
     request_fields,
 )
+from support.h2_health import assert_healthy, baseline_of
 from support.process import REPO_ROOT, launch_proxy, wait_until
-from support.raw_http import fetch, metric_value
+from support.raw_http import metric_value
 from support.recording_backend import RecordingFleet
 
 sys.path.insert(0, str(REPO_ROOT))
-from benchmarks.soak import HELD_GAUGES, ProcessSample, ProxyProbe
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,38 +67,6 @@ def edge(tmp_path_factory, backend, rec):
                 "limits": {"http2_max_streams": MAX_STREAMS}})
     yield p
     p.stop()
-
-
-# --------------------------------------------------------------------------------------------
-# Health: the baseline before an attack, and the proxy back at it afterwards
-# --------------------------------------------------------------------------------------------
-
-
-async def normal_requests(p) -> None:
-    """One HTTP/2 and one HTTP/1.1 request on fresh connections, both served."""
-    async with await H2Client.open(p.port) as c:
-        r = await c.request(DEMO, "/echo?healthy")
-        assert r.status == 200 and r.ended, r.describe()
-    assert (await fetch(p, "/echo?healthy-h1")).status == 200
-
-
-async def baseline_of(p) -> tuple[ProxyProbe, ProcessSample]:
-    await normal_requests(p)  # warm: imports, pooled backend connections
-    probe = ProxyProbe(p.pid, p.metrics_url)
-
-    async def no_clients() -> bool:  # no connection of an earlier test left
-        gauges = await probe.gauges()
-        return all(gauges.get(name, 0) == 0 for name in HELD_GAUGES)
-    await wait_until(no_clients, timeout=10)
-    return probe, await probe.sample()
-
-
-async def assert_healthy(p, probe: ProxyProbe, baseline: ProcessSample) -> None:
-    assert p.alive(), p.stderr()[-2000:]
-    await normal_requests(p)
-    _, problems, took = await probe.settle(baseline, 10, rss_tolerance=16 * MiB)
-    assert not problems, f"not back to the baseline after {took:.1f} s: {problems}"
-    assert "Traceback" not in p.stderr(), p.stderr()[-3000:]
 
 
 async def goaways(p, reason: str) -> float:
