@@ -430,6 +430,44 @@ async def test_requests_malformed_after_their_head_end_alone(edge, case):
     await assert_healthy(edge, probe, base)
 
 
+@pytest.mark.parametrize("case", sorted(LATE_MALFORMED))
+async def test_a_request_reset_after_its_head_never_shares_its_backend_connection(edge, fleet,
+                                                                                  rec, case):
+    """The backend connection that carried the head (and part of the body) of a request the
+    library reset is never used again: it is closed with that request incomplete, and a later
+    request to the same sandbox arrives on a connection of its own, whole, its bytes nowhere
+    else (no later request can be read as the rest of the reset one's body)."""
+    extra, chunks, trailers = LATE_MALFORMED[case]
+    fleet.reset()
+    async with frames(edge.port) as f:
+        sid = f.new_stream()
+        f.send(f.headers(sid, request_fields(REC, "/m/reset1x/", "POST", extra=extra),
+                         end_stream=False))
+        for i, chunk in enumerate(chunks):
+            f.send(f.data(sid, chunk, end_stream=trailers is None and i == len(chunks) - 1))
+        if trailers is not None:
+            f.send(f.headers(sid, [(n.encode(), v.encode()) for n, v in trailers]))
+        await f.until(lambda fr: sid in f.resets() or isinstance(fr, GoAwayFrame))
+        assert f.resets().get(sid) == ErrorCodes.PROTOCOL_ERROR, (f.resets(), f.goaways())
+
+        async def reset_connection_closed() -> bool:  # while the client's connection is open
+            return all(c.closed for c in rec.snapshot() if b"/m/reset1x/" in c.raw)
+        await wait_until(reset_connection_closed, timeout=5)
+        after = f.new_stream()
+        f.send(f.headers(after, request_fields(REC, "/m/after1x/", "POST",
+                                               extra=[("content-length", "10")]),
+                         end_stream=False), f.data(after, b"after-body", end_stream=True))
+        await f.until(lambda fr: f.status(after) is not None or isinstance(fr, GoAwayFrame))
+        assert f.status(after) == 200, f.resets()
+    fleet.quiet()
+    [later] = [r for r in rec.requests() if r.marker == "after1x"]
+    assert later.body == b"after-body"
+    for conn in rec.snapshot():
+        if b"/m/reset1x/" in conn.raw:
+            assert b"after1x" not in conn.raw and b"after-body" not in conn.raw, conn.raw
+            assert all(r.marker == "reset1x" for r in conn.requests), conn.requests
+
+
 async def test_response_never_given_a_window_is_reset_after_client_send(edge):
     """A client that never opens its window (SETTINGS_INITIAL_WINDOW_SIZE = 0) gets the head of
     its response and then, after [timeouts] client_send, RST_STREAM CANCEL; the connection and
